@@ -1,0 +1,5 @@
+import sys
+
+from vmrnn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,60 @@
+"""The `vmrnn` command. Each sub-command group lives in its own module exposing `register(subparsers)`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Modules that add sub-commands; one that is missing (not written yet) is skipped.
+COMMAND_MODULES = ("vmrnn.cli.data", "vmrnn.cli.train", "vmrnn.cli.bench", "vmrnn.cli.info")
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: printed as one line, exit status 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vmrnn", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean 'bad input', not 'bug': shown without a traceback."""
+    from vmrnn.models import CheckpointMismatch, ConfigError
+
+    types: list[type[BaseException]] = [UserError, ConfigError, CheckpointMismatch, FileNotFoundError]
+    try:
+        from vmrnn.data.errors import DataError
+        types.append(DataError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except user_error_types() as exc:
+        print(f"vmrnn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vmrnn {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

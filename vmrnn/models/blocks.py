@@ -18,12 +18,18 @@ class DropPath(nn.Module):
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
         self.p = float(p)
+        # A per-sample keep mask drawn ahead by the caller (vmrnn.train.step, for activation checkpointing
+        # inside a CUDA graph, where the RNG state cannot be saved and restored); None: draw here.
+        self.fixed_mask: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        if self.fixed_mask is not None:
+            mask = self.fixed_mask.to(x.dtype).reshape((x.shape[0],) + (1,) * (x.dim() - 1))
+        else:
+            mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
         return x * mask / keep
 
     def extra_repr(self) -> str:

@@ -13,8 +13,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vmrnn.ops import selective_scan
+from vmrnn.ops.ss2d_scan import ss2d_scan
 
 N_DIRECTIONS = 4
+SS2D_IMPLS = ("reference", "fused")
+# fused_backend "auto" on GPU: the Triton fused scan up to this many tokens per scan; longer sequences
+# (KTH's 64x64 grid) go through the reference dataflow and mamba_ssm's kernel, which was measured faster
+# there (docs/PERFORMANCE.md: the Triton scan has one warp per 32 channels, too few warps at B=4, L=4096).
+FUSED_TRITON_MAX_L = 256
 
 
 def cross_scan(x: Tensor) -> Tensor:
@@ -46,6 +52,12 @@ class SS2D(nn.Module):
         rank = math.ceil(dim / 16)
         self.dim, self.inner, self.rank, self.d_state = dim, inner, rank, d_state
         self.scan_backend = "auto"  # "auto" | "torch" | "cuda"; see vmrnn.models.set_scan_backend
+        # Execution knobs (vmrnn.train.step.configure_model sets them; the defaults are the reference):
+        # impl "reference" = the official dataflow; "fused" = channels-last conv + the fused 4-direction
+        # scan (vmrnn.ops.ss2d_scan), whose backend is fused_backend ("auto" | "triton" | "torch").
+        self.impl = "reference"
+        self.fused_backend = "auto"
+        self.scan_fp32_inputs = True  # reference impl: upcast the scan inputs (official); False keeps bf16
 
         self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
         self.dwconv = nn.Conv2d(inner, inner, d_conv, padding=(d_conv - 1) // 2, groups=inner, bias=True)
@@ -84,15 +96,54 @@ class SS2D(nn.Module):
         x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj)
         dts, Bs, Cs = torch.split(x_dbl, [self.rank, self.d_state, self.d_state], dim=2)
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_proj)
+        if self.scan_fp32_inputs:
+            xs, dts, Bs, Cs = xs.float(), dts.float(), Bs.float(), Cs.float()
+        else:  # bf16 u/delta/B/C into the kernel (fp32 state, fp32 A/D/bias); output in fp32 for the merge
+            dts, Bs, Cs = dts.to(xs.dtype), Bs.to(xs.dtype), Cs.to(xs.dtype)
         y = selective_scan(
-            xs.float().reshape(b, -1, L), dts.float().reshape(b, -1, L),
-            -torch.exp(self.A_log.float()), Bs.float(), Cs.float(), self.skip.float(),
+            xs.reshape(b, -1, L), dts.reshape(b, -1, L),
+            -torch.exp(self.A_log.float()), Bs, Cs, self.skip.float(),
             delta_bias=self.dt_bias.float().reshape(-1), delta_softplus=True, backend=self.scan_backend,
         ).reshape(b, N_DIRECTIONS, d, L)
-        return cross_merge(y, h, w).transpose(1, 2).reshape(b, h, w, d)
+        return cross_merge(y.float(), h, w).transpose(1, 2).reshape(b, h, w, d)
+
+    def uses_fused_layout(self, x: Tensor) -> bool:
+        """Whether this input goes through `forward_fused` (impl "fused", and see FUSED_TRITON_MAX_L)."""
+        if self.impl != "fused":
+            return False
+        if self.fused_backend != "auto" or not x.is_cuda:
+            return True
+        from vmrnn.ops import cuda_scan_available  # noqa: PLC0415
+
+        return x.shape[1] * x.shape[2] <= FUSED_TRITON_MAX_L or not cuda_scan_available()
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.uses_fused_layout(x):
+            return self.forward_fused(x)
         x, z = self.in_proj(x).chunk(2, dim=-1)
         x = F.silu(self.dwconv(x.permute(0, 3, 1, 2)))
         y = self.out_norm(self.scan(x).to(z.dtype))
+        return self.out_proj(y * F.silu(z))
+
+    def forward_fused(self, x: Tensor) -> Tensor:
+        """The same function as `forward`, laid out for speed (the reference stays above).
+
+        Channels-last throughout: the depthwise conv runs on a channels-last (B, D, H, W) tensor, the
+        four x_proj projections are one GEMM over the spatial tokens, the four dt projections one GEMM
+        with a block-diagonal weight, and the scan reads and writes every direction at the tokens'
+        spatial places (vmrnn.ops.ss2d_scan): no cross-scan copies, no cross-merge un-permutes.
+        """
+        b, h, w, _ = x.shape
+        d, r, n, L = self.inner, self.rank, self.d_state, h * w
+        xi, z = self.in_proj(x).split(d, dim=-1)
+        xi = xi.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        u = F.silu(self.dwconv(xi)).permute(0, 2, 3, 1).reshape(b, L, d)  # a view when channels-last
+        x_dbl = F.linear(u, self.x_proj.reshape(-1, d)).view(b, L, N_DIRECTIONS, r + 2 * n)
+        dt_w = torch.block_diag(*self.dt_proj.transpose(1, 2).unbind(0))  # (4R, 4D)
+        delta = torch.matmul(x_dbl[..., :r].reshape(b, L, N_DIRECTIONS * r), dt_w.to(x_dbl.dtype))
+        y = ss2d_scan(u, delta.view(b, L, N_DIRECTIONS, d), -torch.exp(self.A_log.float()),
+                      x_dbl[..., r:r + n], x_dbl[..., r + n:], self.skip.float(),
+                      self.dt_bias.float().reshape(-1), h, w, True, backend=self.fused_backend)
+        y = y.sum(2, dtype=torch.float32).view(b, h, w, d)  # the cross-merge: sum of the 4 directions
+        y = self.out_norm(y.to(z.dtype))
         return self.out_proj(y * F.silu(z))

@@ -1,0 +1,166 @@
+"""MLflow tracking of training runs: a real local sqlite store, and one real `mlflow server` (no mocks)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from test_train_helpers import MlflowServer, free_port, tiny_cfg, write_taxibj
+
+from vmrnn.data import build_dataset
+from vmrnn.train.checkpoint import load_state
+from vmrnn.train.export import load_forecaster
+from vmrnn.train.loop import REPORTED_KEYS, TrainingDiverged, TrainingStopped, train
+from vmrnn.train.tracking import RUN_KEY_TAG, TrackingUnavailable
+
+mlflow = pytest.importorskip("mlflow")
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+EPOCH_KEYS = [k for k in REPORTED_KEYS if k != "epoch"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return write_taxibj(tmp_path_factory.mktemp("data"))
+
+
+def _store(tmp_path):
+    (tmp_path / "store").mkdir(exist_ok=True)
+    return f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+
+
+def _steps(client, run_id, key):
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_mlflow_run_has_params_every_epoch_images_and_a_loadable_model(data_root, tmp_path, monkeypatch):
+    uri = _store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # for MLflow's own loaders below
+    cfg = tiny_cfg(data_root, epochs=2, tracking=True, tracking_uri=uri, experiment="t-local", run_name="r1",
+                   tags={"team": "vision"}, checkpoint_dir=str(tmp_path / "ck"))
+    res = train(cfg)
+    client = MlflowClient(uri)
+    run = client.get_run(res.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "r1"
+    p = run.data.params
+    assert p["dataset"] == "taxibj" and p["preset"] == "taxibj-tiny" and float(p["lr"]) == 3e-3
+    assert p["model_config.embed_dim"] == "16" and p["tags.team"] == "vision" and p["run_key"]
+    assert run.data.tags[RUN_KEY_TAG] == p["run_key"] and run.data.tags["team"] == "vision"
+    for k in EPOCH_KEYS:
+        assert _steps(client, res.run_id, k) == [0, 1], k
+    vals = [m.value for m in sorted(client.get_metric_history(res.run_id, "val_mse"), key=lambda m: m.step)]
+    assert vals == pytest.approx([h["val_mse"] for h in res.history])
+    assert _steps(client, res.run_id, "test_mse") == [1]
+    arts = {a.path for a in client.list_artifacts(res.run_id, "forecasts")}
+    assert arts == {"forecasts/forecast_strip.png", "forecasts/forecast.gif"}
+    assert {"metrics/lead_time_metrics.png", "metrics/test_metrics.json"} <= {
+        a.path for a in client.list_artifacts(res.run_id, "metrics")}
+    strip = client.download_artifacts(res.run_id, "forecasts/forecast_strip.png", str(tmp_path))
+    from PIL import Image
+
+    assert Image.open(strip).size[0] > 100
+    # the model: MLflow's own loader (pt2 graph, no vmrnn needed) and ours, both predicting the same
+    model_uri = run.data.tags["vmrnn.model_uri"]
+    assert run.data.tags["vmrnn.model_format"] == "pt2"
+    x = torch.stack([build_dataset("taxibj", data_root, "test")[i][0] for i in range(3)])
+    ours = load_forecaster(model_uri)
+    ref = load_forecaster(tmp_path / "ck").predict(x.numpy())  # the checkpoint's best weights
+    np.testing.assert_allclose(ours.predict(x.numpy()), ref, atol=1e-6)
+    assert ours.predict(x[0].numpy(), n_future=7).shape == (7, 2, 32, 32)
+    # MLflow's generic loader: the exported graph, a batch size other than the example's, numpy in and out
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{res.run_id}/model")
+    np.testing.assert_allclose(np.asarray(pyfunc.predict(x.numpy())), ref, atol=1e-5)
+
+
+def test_resumed_run_continues_the_same_mlflow_run_once_per_epoch(data_root, tmp_path):
+    uri = _store(tmp_path)
+    common = dict(epochs=3, experiment="t-resume", checkpoint_dir=str(tmp_path / "ck"), log_model=False,
+                  log_images=False, run_key="key-123")
+
+    def stop_at(epoch):
+        def cb(res):
+            if res.epoch == epoch:
+                raise TrainingStopped()
+        return cb
+
+    # Epochs 0-1 with tracking off (as if every MLflow write was lost), stopped after epoch 1 ...
+    with pytest.raises(TrainingStopped):
+        train(tiny_cfg(data_root, tracking=False, **common), on_epoch_end=stop_at(1))
+    # ... then tracked but interrupted again right after epoch 2 was logged, before the run finished:
+    cfg = tiny_cfg(data_root, tracking=True, tracking_uri=uri, **common)
+    with pytest.raises(TrainingStopped):
+        train(cfg, on_epoch_end=stop_at(2))
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("t-resume").experiment_id])
+    assert len(runs) == 1
+    run_id = runs[0].info.run_id
+    assert _steps(client, run_id, "val_mse") == [0, 1, 2]  # 0 and 1 backfilled from the checkpoint's history
+    # Resuming from the epoch-2 checkpoint trains nothing more, logs nothing twice, and finishes the run.
+    res = train(cfg)
+    assert res.run_id == run_id and load_state(res.checkpoint)["mlflow_run_id"] == run_id
+    for k in EPOCH_KEYS:
+        assert _steps(client, run_id, k) == [0, 1, 2], k
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_divergence_marks_the_run_failed_with_the_reason(data_root, tmp_path):
+    uri = _store(tmp_path)
+    cfg = tiny_cfg(data_root, lr=1e10, warmup_epochs=0, epochs=1, max_train_batches=8, tracking=True,
+                   tracking_uri=uri, experiment="t-nan", log_model=False)
+    with pytest.raises(TrainingDiverged):
+        train(cfg)
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("t-nan").experiment_id])[0]
+    assert run.info.status == "FAILED"
+    assert "diverged" in run.data.tags["vmrnn.failure_reason"]
+
+
+def test_unreachable_tracking_server_fails_fast_naming_the_uri(data_root):
+    uri = f"http://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match=uri.replace(".", r"\.")):
+        train(tiny_cfg(data_root, tracking=True, tracking_uri=uri))
+    assert time.monotonic() - t0 < 15
+
+
+@pytest.mark.slow
+def test_real_mlflow_server_with_an_outage_mid_run(data_root, tmp_path, monkeypatch):
+    """Against a real `mlflow server`: it goes down after epoch 0 and comes back after epoch 1; training
+    keeps going, the buffered metrics arrive, every epoch is logged once, and the model is logged."""
+    monkeypatch.setenv("VMRNN_MLFLOW_FLUSH_TIMEOUT_S", "60")
+    server = MlflowServer(tmp_path / "srv").start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    try:
+        def outage(res):
+            if res.epoch == 0:
+                server.stop()
+            elif res.epoch == 1:
+                server.start()
+
+        cfg = tiny_cfg(data_root, epochs=3, tracking=True, tracking_uri=server.uri, experiment="t-server",
+                       model_format="pickle", checkpoint_dir=str(tmp_path / "ck"))
+        res = train(cfg, on_epoch_end=outage)
+        client = MlflowClient(server.uri)
+        run = client.get_run(res.run_id)
+        assert run.info.status == "FINISHED"
+        for k in EPOCH_KEYS:
+            assert _steps(client, res.run_id, k) == [0, 1, 2], k
+        assert client.list_artifacts(res.run_id, "forecasts")
+        assert run.data.tags["vmrnn.model_format"] == "pickle"
+        fc = load_forecaster(run.data.tags["vmrnn.model_uri"])
+        x = build_dataset("taxibj", data_root, "test")[0][0].numpy()
+        np.testing.assert_allclose(fc.predict(x), load_forecaster(tmp_path / "ck").predict(x), atol=1e-6)
+        pickled = mlflow.pytorch.load_model(run.data.tags["vmrnn.model_uri"])
+        assert pickled(torch.from_numpy(x)[None]).shape == (1, 4, 2, 32, 32)
+    finally:
+        server.stop()

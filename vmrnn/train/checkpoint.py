@@ -1,0 +1,135 @@
+"""Training checkpoints: one directory per saved epoch.
+
+    state.pt         model + optimizer + scheduler state, epoch, RNG state, metrics history, best
+                     (epoch, val_mse), MLflow run id, world size, the resolved TrainConfig (dict)
+    best_model.pt    state_dict of the best epoch so far (by val_mse): what test scoring and export use
+    config.json      {"train": TrainConfig dict, "model": ModelConfig dict, "dataset": {...}} (readable;
+                     enough to rebuild the model without unpickling state.pt)
+    metrics.json     the per-epoch metrics history (readable)
+
+Plain runs keep `<checkpoint_dir>/epoch_NNNN/` (the newest `keep_checkpoints`); Ray runs hand the same
+directory to `ray.train.report`. Tensors are loaded with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+STATE_FILE = "state.pt"
+BEST_FILE = "best_model.pt"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+_EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
+
+
+class CheckpointError(FileNotFoundError):
+    """A checkpoint path that does not hold a vmrnn training checkpoint (shown as a user error)."""
+
+
+def write_checkpoint(directory: str | os.PathLike, state: dict[str, Any], best_model: dict[str, Any] | None,
+                     meta: dict[str, Any]) -> Path:
+    """Write the checkpoint files into `directory` (created)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save({"format_version": FORMAT_VERSION, **state}, d / STATE_FILE)
+    if best_model is not None:
+        torch.save(best_model, d / BEST_FILE)
+    (d / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    (d / METRICS_FILE).write_text(json.dumps(state.get("history", []), indent=2, default=_json_default))
+    return d
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    return str(o)
+
+
+def save_epoch_checkpoint(root: str | os.PathLike, epoch: int, state: dict[str, Any],
+                          best_model: dict[str, Any] | None, meta: dict[str, Any], keep: int = 2) -> Path:
+    """Atomically write `<root>/epoch_NNNN` (temp dir + rename), then prune all but the newest `keep`."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"epoch_{epoch:04d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".epoch_{epoch:04d}.", dir=root))
+    write_checkpoint(tmp, state, best_model, meta)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(_epoch_dirs(root))[:-keep]:
+        shutil.rmtree(old[1], ignore_errors=True)
+    return final
+
+
+def _epoch_dirs(root: Path) -> list[tuple[int, Path]]:
+    out = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = _EPOCH_DIR.match(p.name)
+            if m and (p / STATE_FILE).exists():
+                out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint dir itself, or the newest `epoch_NNNN` under a checkpoint root or Ray run folder."""
+    p = Path(path).expanduser()
+    if (p / STATE_FILE).exists():
+        return p
+    dirs = _epoch_dirs(p)
+    if dirs:
+        return dirs[-1][1]
+    # A Ray Train run folder: checkpoint_<date>/ subfolders
+    ray_dirs = sorted((c for c in p.glob("checkpoint_*") if (c / STATE_FILE).exists()),
+                      key=lambda c: c.stat().st_mtime) if p.is_dir() else []
+    if ray_dirs:
+        return ray_dirs[-1]
+    raise CheckpointError(f"no vmrnn checkpoint at {p} (expected {STATE_FILE}, epoch_NNNN/ or checkpoint_*/ "
+                          "folders from a training run)")
+
+
+def latest_checkpoint(root: str | os.PathLike | None) -> Path | None:
+    if not root:
+        return None
+    try:
+        return find_checkpoint(root)
+    except CheckpointError:
+        return None
+
+
+def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    d = find_checkpoint(path)
+    try:
+        state = torch.load(d / STATE_FILE, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {d / STATE_FILE}: {exc}") from exc
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {d} has format version {state.get('format_version')}, "
+                              f"this vmrnn reads {FORMAT_VERSION}")
+    state["path"] = str(d)
+    return state
+
+
+def load_best_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    d = find_checkpoint(path)
+    f = d / BEST_FILE if (d / BEST_FILE).exists() else None
+    if f is None:
+        return load_state(d, map_location)["model"]
+    return torch.load(f, map_location=map_location, weights_only=True)
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    d = find_checkpoint(path)
+    try:
+        return json.loads((d / CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {d} has no {CONFIG_FILE}") from None

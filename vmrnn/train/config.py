@@ -1,0 +1,397 @@
+"""`TrainConfig`: everything one training run needs, as a flat dataclass with validation.
+
+A config is built from a dict (`TrainConfig.from_dict`, CLI `--set key=value`, a Ray/Tune trial config),
+validated field by field (a `TrainConfigError` names the field), then *resolved*: fields left at None
+take the dataset's recipe (the official single-GPU script settings) and the dataset's model preset.
+`to_dict()` of a resolved config is what goes into checkpoints and MLflow params.
+
+This module imports neither Ray nor MLflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from vmrnn.models import ConfigError
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer": ("adam", "adamw"),
+    "schedule": ("cosine", "cosine_step", "constant"),
+    "precision": ("fp32", "bf16"),
+    "loss_target": ("all", "future"),
+    "loss_kind": ("mse", "mse+l1"),
+    "metrics_mode": ("standard", "paper"),
+    "scan_backend": ("auto", "torch", "cuda", "triton"),
+    "execution": ("manual", "fast"),
+    "model_format": ("pt2", "pickle"),
+}
+
+# Per-dataset defaults for fields left at None: the official single-GPU scripts (VMRNN_SPEC 2.2), with
+# the OpenSTL recipe (Adam, cosine with 5 warm-up epochs, MSE on all outputs) everywhere.
+RECIPES: dict[str, dict[str, Any]] = {
+    "taxibj": {"epochs": 200, "batch_size": 16, "lr": 4e-4},
+    "kth": {"epochs": 100, "batch_size": 4, "lr": 1e-4},
+    "kth40": {"epochs": 100, "batch_size": 1, "val_batch_size": 1, "lr": 1e-4},
+    "mmnist": {"epochs": 2000, "batch_size": 16, "lr": 1e-4},
+    "custom": {"epochs": 100, "batch_size": 16, "lr": 1e-4},
+}
+
+
+class TrainConfigError(ConfigError):
+    """A training option that is missing, of the wrong type or out of range; the message names it."""
+
+
+@dataclass
+class TrainConfig:
+    # --- data ---
+    dataset: str = ""
+    data_dir: str = ""
+    data_options: dict[str, Any] = field(default_factory=dict)  # extra kwargs for vmrnn.data.build_dataset
+    # --- model ---
+    preset: str | None = None                       # default: vmrnn.data.DATASETS[dataset].preset
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. {"depth": 4}
+    scan_backend: str = "auto"                      # reference SS2D: auto|torch|cuda; fused: auto|torch|triton
+    # --- optimisation (None: the dataset's recipe) ---
+    epochs: int | None = None
+    batch_size: int | None = None                   # per worker
+    val_batch_size: int | None = None               # default: batch_size
+    lr: float | None = None
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    schedule: str = "cosine"                        # cosine (per epoch, the paper's), cosine_step, constant
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-5
+    min_lr: float = 1e-6
+    grad_clip: float | None = None
+    precision: str = "fp32"                         # bf16 autocast on GPU only (fp32 on CPU)
+    checkpoint_steps: bool = False                  # activation checkpointing per rollout step
+    execution: str = "fast"                         # fast: ExecutionConfig.fast on GPU (CPU: reference); manual: the fields below
+    fused: bool = False                             # fused SS2D layout (vmrnn.ops.ss2d_scan)
+    cuda_graphs: bool = False                       # the whole step in a CUDA graph (GPU, one worker)
+    compile: bool = False                           # torch.compile every SS2D
+    loss_target: str = "all"
+    loss_kind: str = "mse"
+    seed: int = 42
+    # --- execution ---
+    device: str = "auto"                            # auto | cpu | cuda | cuda:N
+    num_loader_workers: int = 0
+    max_train_batches: int | None = None            # per worker and epoch, for smoke runs
+    max_val_batches: int | None = None              # per worker
+    max_test_batches: int | None = None             # per worker
+    metrics_mode: str = "standard"
+    test_at_end: bool = True                        # score the best (by val_mse) weights on the test split
+    checkpoint_dir: str | None = None               # plain (no-Ray) runs: where epoch checkpoints go
+    keep_checkpoints: int = 2
+    # --- tracking (MLflow, rank 0) ---
+    tracking: bool = True
+    tracking_uri: str | None = None                 # default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment: str | None = None                   # default: vmrnn-<dataset>
+    run_name: str | None = None
+    parent_run_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    run_key: str | None = None                      # continue the run tagged vmrnn.run_key == this
+    log_images: bool = True
+    n_vis_samples: int = 4
+    log_model: bool = True
+    model_format: str = "pt2"                       # how mlflow.pytorch.log_model serialises the model
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | TrainConfig) -> TrainConfig:
+        """Build from a (possibly partial) dict; values are coerced to the field types (so "4" works)."""
+        if isinstance(d, TrainConfig):
+            return dataclasses.replace(d)
+        if not isinstance(d, dict):
+            raise TrainConfigError(f"a training config must be a dict; got {type(d).__name__}")
+        known = set(cls.field_names())
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise TrainConfigError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        hints = get_type_hints(cls)
+        kwargs = {k: _coerce(k, v, hints[k]) for k, v in d.items()}
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # plain JSON types, deep-copied
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        d = self.to_dict()
+        d.update(changes)
+        return TrainConfig.from_dict(d)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> TrainConfigError:
+            return TrainConfigError(f"training option '{name}' {why}; got {getattr(self, name)!r}")
+
+        if not self.dataset:
+            raise TrainConfigError("training option 'dataset' is required (taxibj, kth, kth40, mmnist or custom)")
+        if self.dataset not in RECIPES:
+            raise bad("dataset", f"must be one of {sorted(RECIPES)}")
+        if not self.data_dir:
+            raise TrainConfigError("training option 'data_dir' is required (the folder that holds the data)")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise bad(name, f"must be one of {list(choices)}")
+        for name in ("epochs", "batch_size", "val_batch_size", "max_train_batches", "max_val_batches",
+                     "max_test_batches"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise bad(name, "must be >= 1")
+        for name in ("warmup_epochs", "num_loader_workers", "seed", "n_vis_samples"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be >= 0")
+        if self.keep_checkpoints < 1:
+            raise bad("keep_checkpoints", "must be >= 1")
+        for name in ("lr", "warmup_lr", "min_lr", "weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if not math.isfinite(v) or v < 0:
+                raise bad(name, "must be a finite number >= 0")
+        if self.lr is not None and self.lr == 0:
+            raise bad("lr", "must be > 0")
+        if self.grad_clip is not None and self.grad_clip == 0:
+            raise bad("grad_clip", "must be > 0 (leave it unset for no clipping)")
+        allowed = ("auto", "torch", "triton") if self.fused else ("auto", "torch", "cuda")
+        if self.scan_backend not in allowed:
+            raise bad("scan_backend", f"must be one of {list(allowed)} with fused={self.fused}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise bad("device", "must be auto, cpu, cuda or cuda:N")
+        for name in ("model", "tags", "data_options"):
+            if not isinstance(getattr(self, name), dict):
+                raise bad(name, "must be a mapping")
+
+    # ------------------------------------------------------------------ resolution
+    @property
+    def is_resolved(self) -> bool:
+        return None not in (self.preset, self.epochs, self.batch_size, self.val_batch_size, self.lr)
+
+    def resolved(self) -> TrainConfig:
+        """Fill the None fields from the dataset spec and recipe; check the model against the data shape.
+
+        Paths become absolute (Ray workers and checkpoints may run elsewhere), and the MLflow URI is
+        pinned (the default sqlite store is relative to the *current* folder).
+        """
+        from vmrnn.data import dataset_spec  # the data layer is only needed once a run is set up
+
+        from vmrnn.models import PRESETS, model_config
+
+        c = dataclasses.replace(self, model=dict(self.model), tags=dict(self.tags),
+                                data_options=dict(self.data_options))
+        c.validate()
+        c.data_dir = str(Path(c.data_dir).expanduser().resolve())
+        spec = dataset_spec(c.dataset, c.data_dir)
+        recipe = RECIPES[c.dataset]
+        if c.preset is None:
+            c.preset = spec.preset
+        if c.dataset == "custom":
+            if c.preset not in PRESETS:  # "custom": VMRNN-B in the KTH configuration, sized to the frames
+                c.preset = "kth"
+                c.model.setdefault("patch_size", _custom_patch(spec.height, spec.width))
+            c.model.setdefault("img_size", spec.height)
+            c.model.setdefault("in_chans", spec.channels)
+        elif c.preset not in PRESETS:
+            raise TrainConfigError(f"training option 'preset' must be one of {sorted(PRESETS)}; got {c.preset!r}")
+        for name in ("epochs", "batch_size", "lr"):
+            if getattr(c, name) is None:
+                setattr(c, name, recipe[name])
+        if c.val_batch_size is None:
+            c.val_batch_size = recipe.get("val_batch_size", c.batch_size)
+        if c.checkpoint_dir:
+            c.checkpoint_dir = str(Path(c.checkpoint_dir).expanduser().resolve())
+        if c.experiment is None:
+            c.experiment = f"vmrnn-{c.dataset}"
+        if c.tracking and c.tracking_uri is None:
+            c.tracking_uri = default_tracking_uri()
+        if c.tracking_uri:
+            c.tracking_uri = absolute_tracking_uri(c.tracking_uri)
+        try:
+            mc = model_config(c.preset, **c.model)
+        except ConfigError as exc:
+            raise TrainConfigError(f"training option 'model'/'preset': {exc}") from None
+        shape = (spec.channels, spec.height, spec.width)
+        if (mc.in_chans, mc.img_size, mc.img_size) != tuple(shape):
+            raise TrainConfigError(
+                f"training option 'preset' {c.preset!r} (with 'model' overrides {c.model}) builds a model for "
+                f"{mc.in_chans}x{mc.img_size}x{mc.img_size} frames, but {c.dataset} frames are "
+                f"{spec.channels}x{spec.height}x{spec.width}; choose a matching preset or override "
+                "model.in_chans / model.img_size")
+        return c
+
+    def with_run_key(self) -> TrainConfig:
+        """A copy with a run_key (generated if unset), so that restarts find the same MLflow run."""
+        if self.run_key:
+            return self
+        return dataclasses.replace(self, run_key=uuid.uuid4().hex)
+
+    def effective_precision(self, device_type: str) -> str:
+        """bf16 autocast only on CUDA: on CPU it is slower and less accurate, so fp32 there."""
+        return self.precision if device_type == "cuda" else "fp32"
+
+    def execution_config(self, device_type: str):
+        """The `vmrnn.train.step.ExecutionConfig` for this device (GPU-only options are dropped on CPU)."""
+        from vmrnn.train.step import ExecutionConfig
+
+        if self.execution == "fast":
+            return ExecutionConfig.fast(device_type, checkpoint_steps=self.checkpoint_steps, compile=self.compile)
+        try:
+            return ExecutionConfig(precision=self.effective_precision(device_type), compile=self.compile,
+                                   checkpoint_steps=self.checkpoint_steps, scan_backend=self.scan_backend,
+                                   fused=self.fused, cuda_graphs=self.cuda_graphs and device_type == "cuda")
+        except ValueError as exc:
+            raise TrainConfigError(f"training options precision/fused/scan_backend: {exc}") from None
+
+
+def _custom_patch(height: int, width: int) -> int:
+    if height != width:
+        raise TrainConfigError(f"VMRNN needs square frames; the custom data has {height}x{width}")
+    for p in (4, 2, 8):
+        if height % p == 0 and (height // p) % 2 == 0:
+            return p
+    raise TrainConfigError(f"no patch size in (2, 4, 8) gives an even token grid for {height}x{width} frames")
+
+
+def default_tracking_uri() -> str:
+    """MLflow's own default store: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (artifacts ./mlruns)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """Make a local store URI absolute (sqlite:///rel.db, file:rel, or a bare path)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rel = uri[len("sqlite:///"):]
+        if rel and not rel.startswith(":memory:"):
+            return f"sqlite:///{Path(rel).expanduser().resolve()}"
+        return uri
+    if uri.startswith("file:"):
+        path = uri[len("file:"):]
+        while path.startswith("//"):
+            path = path[1:]
+        return Path(path).expanduser().resolve().as_uri()
+    if "://" not in uri and not uri.startswith(("databricks", "file:")):
+        return Path(uri).expanduser().resolve().as_uri()
+    return uri
+
+
+# ---------------------------------------------------------------------- type coercion and --set parsing
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        if hint is str:
+            return ""
+        raise TrainConfigError(f"training option '{name}' cannot be empty")
+    if type(None) in args:  # Optional[X]
+        inner = [a for a in args if a is not type(None)][0]
+        if isinstance(value, str) and value.strip().lower() in ("none", "null", ""):
+            return None
+        return _coerce(name, value, inner)
+    if origin is dict or hint is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise TrainConfigError(f"training option '{name}' must be a mapping (JSON); got {value!r}") from None
+        if not isinstance(value, dict):
+            raise TrainConfigError(f"training option '{name}' must be a mapping; got {value!r}")
+        if args and args[1] is str:
+            return {str(k): str(v) for k, v in value.items()}
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.strip().lower() in ("true", "1", "yes", "on")
+        raise TrainConfigError(f"training option '{name}' must be true or false; got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise TrainConfigError(f"training option '{name}' must be an integer; got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise TrainConfigError(f"training option '{name}' must be an integer; got {value!r}") from None
+        if not f.is_integer():
+            raise TrainConfigError(f"training option '{name}' must be an integer; got {value!r}")
+        return int(f)
+    if hint is float:
+        if isinstance(value, bool):
+            raise TrainConfigError(f"training option '{name}' must be a number; got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise TrainConfigError(f"training option '{name}' must be a number; got {value!r}") from None
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise TrainConfigError(f"training option '{name}' must be a string; got {value!r}")
+        return str(value)
+    return value
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: JSON when it parses (numbers, true/false/null, lists, objects), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(d: dict[str, Any], items: list[str] | None) -> dict[str, Any]:
+    """Apply `key=value` strings; dotted keys go into the mapping fields: model.depth=4, tags.team=x."""
+    out = json.loads(json.dumps(d))
+    for item in items or []:
+        if "=" not in item:
+            raise TrainConfigError(f"--set expects key=value; got {item!r}")
+        key, text = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        value = parse_value(text)
+        if "." in key:
+            head, sub = key.split(".", 1)
+            if head not in ("model", "tags", "data_options"):
+                raise TrainConfigError(f"--set {key}: only model.*, tags.* and data_options.* take dotted keys")
+            out.setdefault(head, {})
+            out[head] = dict(out[head] or {})
+            out[head][sub] = str(value) if head == "tags" else value
+        else:
+            if key not in TrainConfig.field_names():
+                raise TrainConfigError(f"--set {key}: unknown training option; known: {sorted(TrainConfig.field_names())}")
+            out[key] = value
+    return out
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {'model.depth': '4', ...} with string values (for MLflow params)."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            if v:
+                out.update(flatten(v, key + "."))
+            else:
+                out[key] = "{}"
+        elif isinstance(v, (list, tuple)):
+            out[key] = json.dumps(list(v))
+        else:
+            out[key] = "None" if v is None else str(v)
+    return out

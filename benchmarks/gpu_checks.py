@@ -1,0 +1,175 @@
+"""GPU checks and kernel timings for docs/GPU_CHECKS.md and docs/PERFORMANCE.md (run on the device).
+
+  python benchmarks/gpu_checks.py presets --out presets.json    # issue #2 part 6: fwd/bwd per preset, cuda scan
+  python benchmarks/gpu_checks.py scans --out scans.json        # SS2D layouts and scan kernels, per shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vmrnn.models import SS2D, build_model, rollout_loss, set_scan_backend  # noqa: E402
+from vmrnn.ops import cuda_scan_available, selective_scan  # noqa: E402
+from vmrnn.ops import ss2d_scan as fs  # noqa: E402
+from vmrnn.models.ss2d import cross_merge, cross_scan  # noqa: E402
+
+PRESETS = {"taxibj": (16, 4, 4), "kth": (4, 10, 20), "mmnist": (16, 10, 10), "mmnist-openstl": (16, 10, 10)}
+# SS2D shapes (batch, H, W, model dim) met in the presets' blocks
+SHAPES = {"taxibj": (16, 8, 8, 128), "kth": (4, 64, 64, 128), "mmnist-l0": (16, 32, 32, 128),
+          "mmnist-l1": (16, 16, 16, 256), "mmnist-l2": (16, 8, 8, 512)}
+
+
+def timed(fn, warmup=2, iters=10):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def presets(out):
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "cuda_scan": cuda_scan_available(), "presets": {}}
+    for name, (batch, n_in, n_out) in PRESETS.items():
+        torch.manual_seed(0)
+        model = build_model(name).cuda().train()
+        set_scan_backend(model, "cuda")
+        c = model.config
+        frames = torch.rand(batch, n_in + n_out, c.in_chans, c.img_size, c.img_size, device="cuda")
+
+        def fb():
+            loss = rollout_loss(model(frames, n_in), frames, n_in)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            return loss
+
+        torch.cuda.reset_peak_memory_stats()
+        ms = timed(fb, warmup=1, iters=3)
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+        loss = float(fb())
+        ok = all(torch.isfinite(p).all() for p in model.parameters())
+        res["presets"][name] = {"batch": batch, "frames": f"{n_in}->{n_out}", "fwd_bwd_ms": round(ms, 2),
+                                "peak_gib": round(peak, 3), "loss": loss, "finite": bool(ok)}
+        print(name, res["presets"][name], flush=True)
+        del model, frames
+        torch.cuda.empty_cache()
+    json.dump(res, open(out, "w"), indent=1)
+
+
+def scans(out, sweep):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": {}}
+    for name, (b, h, w, dim) in SHAPES.items():
+        torch.manual_seed(0)
+        m = SS2D(dim).cuda()
+        x = torch.randn(b, h, w, dim, device="cuda")
+        r = {}
+        # 1) SS2D layouts, fp32 and bf16, forward and forward+backward; fused vs reference numerics
+        outs = {}
+        for impl, backend in (("reference", "cuda"), ("fused", "triton")):
+            m.impl, m.scan_backend, m.fused_backend = impl, backend if impl == "reference" else "auto", backend
+            for prec in ("fp32", "bf16"):
+                m.scan_fp32_inputs = prec == "fp32"
+                ctx = torch.autocast("cuda", torch.bfloat16) if prec == "bf16" else torch.autocast("cuda", enabled=False)
+                xx = x.clone().requires_grad_(True)
+
+                def f():
+                    with ctx:
+                        return m(xx)
+
+                def fb():
+                    with ctx:
+                        y = m(xx)
+                    y.float().square().sum().backward()
+
+                key = f"{impl}-{prec}"
+                with torch.no_grad():
+                    r[key + "-fwd_ms"] = round(timed(f), 3)
+                r[key + "-fwdbwd_ms"] = round(timed(fb), 3)
+                m.zero_grad()
+                xx.grad = None
+                with ctx:
+                    y = m(xx)
+                (y.float() * torch.cos(y.float())).sum().backward()
+                outs[key] = (y.float().detach(), [xx.grad.float()] + [p.grad.float().clone() for p in m.parameters()])
+        for prec in ("fp32", "bf16"):
+            (y0, g0), (y1, g1) = outs[f"reference-{prec}"], outs[f"fused-{prec}"]
+            r[f"fused_vs_ref_{prec}_out"] = rel(y1, y0)
+            r[f"fused_vs_ref_{prec}_grad_worst"] = max(rel(a, c) for a, c in zip(g1, g0))
+        (y0, g0), (y1, g1) = outs["reference-fp32"], outs["fused-bf16"]
+        r["fused_bf16_vs_ref_fp32_out"] = rel(y1, y0)
+        r["fused_bf16_vs_ref_fp32_grad_worst"] = max(rel(a, c) for a, c in zip(g1, g0))
+        # 2) the scans alone: mamba on scan-ordered copies (+ the copies) vs the fused kernel
+        d, n, L = 2 * dim, 16, h * w
+        for prec, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            g = torch.Generator(device="cuda").manual_seed(1)
+            u = torch.randn(b, L, d, device="cuda", generator=g).to(dt).requires_grad_(True)
+            delta = (torch.randn(b, L, 4, d, device="cuda", generator=g) * 0.5 - 1).to(dt).requires_grad_(True)
+            A = -torch.exp(m.A_log.detach().float()).requires_grad_(True)
+            xdbl = torch.randn(b, L, 4, 2 * n, device="cuda", generator=g).to(dt).requires_grad_(True)
+            Ds, bias = m.skip.detach().float(), m.dt_bias.detach().float().reshape(-1)
+            Bs, Cs = xdbl[..., :n], xdbl[..., n:]
+
+            def mamba_path():
+                xs = cross_scan(u.transpose(1, 2).reshape(b, d, h, w)).reshape(b, 4 * d, L)
+                dts = fs.to_scan_order(delta, h, w).reshape(b, 4 * d, L)
+                y = selective_scan(xs, dts, A, fs.to_scan_order(Bs, h, w), fs.to_scan_order(Cs, h, w), Ds, bias,
+                                   True, backend="cuda")
+                return cross_merge(y.reshape(b, 4, d, L), h, w)
+
+            def fused_path():
+                return fs.ss2d_scan_triton(u, delta, A, Bs, Cs, Ds, bias, h, w, True).sum(2)
+
+            for pname, fn in (("mamba", mamba_path), ("fused", fused_path)):
+                with torch.no_grad():
+                    r[f"scan-{pname}-{prec}-fwd_ms"] = round(timed(fn), 3)
+                r[f"scan-{pname}-{prec}-fwdbwd_ms"] = round(timed(lambda: fn().float().square().sum().backward()), 3)
+            y_m = mamba_path().float()
+            y_f = fused_path().float().transpose(1, 2)
+            r[f"scan-fused_vs_mamba_{prec}"] = rel(y_f, y_m)
+            if sweep and prec == "bf16":
+                for bd, warps in ((8, 1), (16, 2), (16, 4), (32, 4), (64, 4)):
+                    if bd > d:
+                        continue
+                    fs.LAUNCH_OVERRIDE.update(bd=bd, warps=warps, u=4, ck=64 if L <= 1024 else 128)
+                    try:
+                        with torch.no_grad():
+                            tf = timed(fused_path)
+                        tb = timed(lambda: fused_path().float().square().sum().backward())
+                        r[f"sweep-bd{bd}-w{warps}"] = (round(tf, 3), round(tb, 3))
+                    except Exception as exc:  # noqa: BLE001
+                        r[f"sweep-bd{bd}-w{warps}"] = str(exc)[:200]
+                    fs.LAUNCH_OVERRIDE.clear()
+        res["shapes"][name] = r
+        print(name, json.dumps(r), flush=True)
+        del m, x
+        torch.cuda.empty_cache()
+    json.dump(res, open(out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["presets", "scans"])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--sweep", action="store_true")
+    a = ap.parse_args()
+    presets(a.out) if a.what == "presets" else scans(a.out, a.sweep)

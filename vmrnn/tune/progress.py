@@ -1,0 +1,181 @@
+"""What a sweep prints while it runs (a compact live table) and what Tune callbacks tell MLflow."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from typing import Any
+
+from ray.tune import Callback
+
+from vmrnn.tune import defaults as D
+from vmrnn.tune.scheduler import epochs_done
+
+log = logging.getLogger(__name__)
+
+
+def _num(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+# The sweep the driver is running now. Tune pickles callbacks with the experiment, so a restored sweep
+# gets the callbacks as they were first built; they re-read these at setup (e.g. a new tracking URI).
+_CURRENT: dict[str, Any] = {}
+
+
+def bind_sweep(**values: Any) -> None:
+    _CURRENT.clear()
+    _CURRENT.update(values)
+
+
+def trial_status(trial, epochs: int) -> str:
+    """Our status of a Tune trial: a terminated trial that stopped before the last epoch was pruned by
+    ASHA (Tune marks those results done=True as well, so only the epoch tells them apart)."""
+    status = getattr(trial, "status", "PENDING")
+    if status == "ERROR":
+        return D.TRIAL_FAILED
+    if status == "TERMINATED":
+        done = epochs_done(trial.last_result)
+        return D.TRIAL_FINISHED if done is not None and done >= epochs else D.TRIAL_PRUNED
+    if status in ("RUNNING", "PAUSED"):
+        return D.TRIAL_RUNNING
+    return D.TRIAL_PENDING
+
+
+def trial_best(trial) -> float | None:
+    analysis = getattr(trial, "metric_analysis", None) or {}
+    return _num((analysis.get(D.METRIC) or {}).get("min"))
+
+
+def _fmt(value: float | None, width: int = 10) -> str:
+    return f"{value:>{width}.5g}" if value is not None else f"{'-':>{width}}"
+
+
+class ProgressTable(Callback):
+    """A compact table of the trials (trial, status, epoch, val MSE, best so far), printed when a trial
+    starts or ends and at most every `interval_s` seconds on new results."""
+
+    def __init__(self, epochs: int, num_samples: int, interval_s: float = 10.0, stream=None):
+        self.epochs = epochs
+        self.num_samples = num_samples
+        self.interval_s = interval_s
+        self._stream = stream
+        self._last_print = 0.0
+        self._last_epoch: dict[str, Any] = {}
+
+    def __getstate__(self):  # sys.stdout is not picklable (Tune saves callbacks with the experiment)
+        state = dict(self.__dict__)
+        state["_stream"] = None
+        return state
+
+    def setup(self, **info):
+        self.epochs = int(_CURRENT.get("epochs", self.epochs))
+        self.num_samples = int(_CURRENT.get("num_samples", self.num_samples))
+
+    def render(self, trials: list) -> str:
+        rows = []
+        best_all: tuple[float, str] | None = None
+        counts: dict[str, int] = {}
+        for t in trials:
+            status = trial_status(t, self.epochs)
+            counts[status] = counts.get(status, 0) + 1
+            last = t.last_result or {}
+            epoch = epochs_done(last)
+            best = trial_best(t)
+            if best is not None and (best_all is None or best < best_all[0]):
+                best_all = (best, t.trial_id)
+            rows.append(f"  {t.trial_id:<10} {status:<9} {(f'{int(epoch)}/{self.epochs}' if epoch else '-'):>7} "
+                        f"{_fmt(_num(last.get(D.METRIC)))} {_fmt(best)}")
+        head = (f"[sweep {time.strftime('%H:%M:%S')}] {len(trials)}/{self.num_samples} trials: "
+                + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())))
+        lines = [head, f"  {'trial':<10} {'status':<9} {'epoch':>7} {'val_mse':>10} {'best':>10}", *rows]
+        if best_all is not None:
+            lines.append(f"  best so far: val_mse {best_all[0]:.5g} (trial {best_all[1]})")
+        return "\n".join(lines)
+
+    def _print(self, trials: list, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_print < self.interval_s:
+            return
+        self._last_print = now
+        stream = self._stream or sys.stdout
+        print(self.render(trials), file=stream, flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._print(trials, force=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._print(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._print(trials, force=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._print(trials, force=True)
+
+    def on_experiment_end(self, trials, **info):
+        self._print(trials, force=True)
+
+
+def trial_error_text(trial) -> str:
+    path = getattr(trial, "error_file", None)
+    if path:
+        try:
+            with open(path) as f:
+                return f.read()
+        except OSError:
+            pass
+    try:
+        err = trial.get_error()
+    except Exception:
+        err = None
+    return str(err) if err else "the trial failed (no error message recorded)"
+
+
+class TrialStatusToMLflow(Callback):
+    """Give each trial's MLflow run its final status as soon as Tune decides it: FINISHED, KILLED
+    (pruned by ASHA) or FAILED (with the error). The end of the sweep does it again for every trial,
+    so a failure here is only logged."""
+
+    def __init__(self, tracking_uri: str, experiment: str, sweep: str, parent_run_id: str, epochs: int):
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.sweep = sweep
+        self.parent_run_id = parent_run_id
+        self.epochs = epochs
+        self._tracker = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_tracker"] = None
+        return state
+
+    def setup(self, **info):
+        for key in ("tracking_uri", "experiment", "sweep", "parent_run_id", "epochs"):
+            if key in _CURRENT:
+                setattr(self, key, _CURRENT[key])
+        self._tracker = None
+
+    def _mark(self, trial, status: str, error: str | None = None) -> None:
+        try:
+            if self._tracker is None:
+                from vmrnn.tune.tracking import Tracker
+                self._tracker = Tracker(self.tracking_uri, self.experiment)
+            self._tracker.mark_trial(sweep=self.sweep, trial_id=trial.trial_id, status=status,
+                                     parent_run_id=self.parent_run_id, error=error,
+                                     params=dict(trial.config or {}))
+        except Exception as exc:  # never let bookkeeping stop the sweep
+            log.warning("could not record trial %s as %s in MLflow: %s", trial.trial_id, status, exc)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        done = epochs_done(trial.last_result)
+        self._mark(trial, D.TRIAL_FINISHED if done is not None and done >= self.epochs else D.TRIAL_PRUNED)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._mark(trial, D.TRIAL_FAILED, trial_error_text(trial))

@@ -1,0 +1,157 @@
+"""The MLflow Model Registry end of a sweep: register the best trial's model as `vmrnn-<dataset>` and
+decide who holds the `champion` alias.
+
+Rules:
+- the new version becomes `champion` when there is none, or when it beats the champion on val_mse
+  (lower is better) measured on the same kind of data;
+- a model validated on real data always beats a champion validated on synthetic data (a --smoke
+  sweep), and a synthetic-data model never replaces a real-data champion;
+- otherwise it becomes `challenger` (the alias moves to it) and the champion stays;
+- registering the same run twice (a resumed or re-run sweep) reuses its version: no duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from vmrnn.tune import defaults as D
+
+METRIC_TAGS = ("val_mse", "val_mae", "val_ssim", "val_psnr")
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    version: str
+    alias: str  # "champion" | "challenger"
+    model_uri: str  # models:/<name>/<version>
+    previous_champion: str | None  # version that held champion before (None: there was none)
+    previous_champion_mse: float | None
+    reason: str
+    reused: bool  # the run was already registered (resume / re-run)
+
+    def describe(self) -> str:
+        return (f"{self.name} version {self.version} -> @{self.alias} ({self.reason}); "
+                f"load it as models:/{self.name}@{self.alias}")
+
+
+def _float(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _eval_rank(kind: str | None) -> int:
+    return 0 if kind == "synthetic" else 1
+
+
+def _version_mse(client, mv) -> float | None:
+    mse = _float(mv.tags.get("val_mse"))
+    if mse is None and mv.run_id:
+        try:
+            metrics = client.get_run(mv.run_id).data.metrics
+        except Exception:
+            return None
+        mse = _float(metrics.get("best_val_mse", metrics.get("val_mse")))
+    return mse
+
+
+def _get_alias(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def decide(new_mse: float, new_kind: str, champ_mse: float | None, champ_kind: str | None,
+           has_champion: bool) -> tuple[bool, str]:
+    """(promote?, why). Pure: the whole champion/challenger rule in one place."""
+    if not has_champion:
+        return True, "no champion yet"
+    new_rank, champ_rank = _eval_rank(new_kind), _eval_rank(champ_kind)
+    if new_rank > champ_rank:
+        return True, "validated on real data; the champion was validated on synthetic (smoke) data"
+    if new_rank < champ_rank:
+        return False, ("validated on synthetic (smoke) data; it never replaces a champion validated on "
+                       "real data")
+    if champ_mse is None:
+        return True, "the champion has no val_mse recorded"
+    if new_mse < champ_mse:
+        return True, f"val_mse {new_mse:.6g} beats the champion's {champ_mse:.6g}"
+    return False, f"val_mse {new_mse:.6g} does not beat the champion's {champ_mse:.6g}"
+
+
+def register_best(tracking_uri: str, *, dataset: str, run_id: str, val_mse: float,
+                  metrics: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
+                  sweep: str = "", trial_id: str = "", eval_data: str = "real",
+                  artifact_path: str | None = None, name: str | None = None) -> Registration:
+    """Register runs:/<run_id>/<artifact_path> as `name` (default vmrnn-<dataset>) and move the
+    aliases by the rules above."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    name = name or D.registered_model_name(dataset)
+    artifact_path = artifact_path or D.model_artifact_path()
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        client.create_registered_model(name, tags={D.TAG_DATASET: dataset},
+                                       description=f"VMRNN forecaster for {dataset}, from vmrnn sweeps")
+    except MlflowException as exc:
+        if "ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
+            raise
+
+    tags: dict[str, str] = {k: f"{_float(v):.8g}" for k, v in (metrics or {}).items()
+                            if k in METRIC_TAGS and _float(v) is not None}
+    tags.update({"val_mse": f"{val_mse:.8g}", D.TAG_SWEEP: sweep, D.TAG_TRIAL_ID: trial_id,
+                 D.TAG_DATASET: dataset, D.TAG_EVAL_DATA: eval_data})
+    if config:
+        tags["config"] = json.dumps(config, sort_keys=True, default=str)[:5000]
+
+    existing = list(client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"))
+    reused = bool(existing)
+    if existing:
+        mv = max(existing, key=lambda v: int(v.version))
+    else:
+        previous_tracking, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+        try:
+            mv = mlflow.register_model(f"runs:/{run_id}/{artifact_path}", name, tags=tags)
+        finally:
+            mlflow.set_tracking_uri(previous_tracking)
+            mlflow.set_registry_uri(previous_registry)
+    for key, value in tags.items():
+        if mv.tags.get(key) != value:
+            client.set_model_version_tag(name, mv.version, key, value)
+
+    champion = _get_alias(client, name, D.CHAMPION)
+    prev_version = str(champion.version) if champion else None
+    prev_mse = _version_mse(client, champion) if champion else None
+    if champion is not None and str(champion.version) == str(mv.version):
+        promote, reason = True, "already the champion"
+    else:
+        promote, reason = decide(val_mse, eval_data, prev_mse,
+                                 champion.tags.get(D.TAG_EVAL_DATA) if champion else None,
+                                 champion is not None)
+    if promote:
+        client.set_registered_model_alias(name, D.CHAMPION, mv.version)
+        challenger = _get_alias(client, name, D.CHALLENGER)
+        if challenger is not None and str(challenger.version) == str(mv.version):
+            client.delete_registered_model_alias(name, D.CHALLENGER)
+        alias = D.CHAMPION
+    else:
+        client.set_registered_model_alias(name, D.CHALLENGER, mv.version)
+        alias = D.CHALLENGER
+    client.set_model_version_tag(name, mv.version, "vmrnn.alias_decision", reason[:4900])
+    return Registration(name=name, version=str(mv.version), alias=alias,
+                        model_uri=f"models:/{name}/{mv.version}",
+                        previous_champion=prev_version,
+                        previous_champion_mse=prev_mse, reason=reason, reused=reused)

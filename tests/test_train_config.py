@@ -119,3 +119,17 @@ def test_secrets_are_redacted():
     params = config_params(cfg)
     assert "hunter2" not in " ".join(params.values())
     assert params["tags.team"] == "a" and params["model_config.depth"] == "2"
+
+
+def test_gpu_training_defaults_to_the_optimised_execution_with_a_fallback():
+    from vmrnn.train.step import ExecutionConfig
+
+    cfg = TrainConfig.from_dict({"dataset": "taxibj", "data_dir": "/nonexistent"})
+    assert cfg.execution == "fast"
+    fast = cfg.execution_config("cuda")
+    assert (fast.precision, fast.fused, fast.cuda_graphs) == ("bf16", True, True)
+    assert cfg.execution_config("cpu") == ExecutionConfig.reference()  # nothing to gain on CPU
+    manual = cfg.replace(execution="manual").execution_config("cuda")
+    assert manual == ExecutionConfig.reference()  # the flag to fall back: fp32, official dataflow
+    kth = cfg.replace(execution="fast", checkpoint_steps=True).execution_config("cuda")
+    assert kth.checkpoint_steps and kth.precision == "bf16"

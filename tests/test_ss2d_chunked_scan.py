@@ -1,0 +1,150 @@
+"""The chunk-parallel (segmented) Triton SS2D scan against the torch references.
+
+`vmrnn.ops.ss2d_scan.scan_plan` cuts long sequences into segments that run in parallel; a short
+sequential pass (`_ss2d_combine_kernel`, reference `combine_segments_torch`) carries the states (forward)
+and the state adjoints (backward) across segments. These checks force many segments of several chunks,
+tail chunks and a partial last segment on small shapes, and compare outputs and every gradient with
+`ss2d_scan_torch` (gather to scan order + `selective_scan_torch`). On CPU they run in Triton's interpreter,
+in a subprocess with TRITON_INTERPRET=1 (as tests/test_fused_ss2d.py does).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vmrnn.ops import ss2d_scan as fs
+
+CUDA = torch.cuda.is_available()
+HERE = Path(__file__).resolve()
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def inputs(seed, b, h, w, d, n, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    L = h * w
+    u = torch.randn(b, L, d, generator=g)
+    delta = torch.randn(b, L, 4, d, generator=g) * 0.5
+    A = -torch.exp(torch.randn(4 * d, n, generator=g) * 0.5 + math.log(0.5))  # slow decay: carries matter
+    xbc = torch.randn(b, L, 4, 2 * n, generator=g)
+    Ds = torch.randn(4 * d, generator=g)
+    bias = torch.randn(4 * d, generator=g) * 0.3 - 2.0
+    return [t.to(device) for t in (u, delta, A, xbc, Ds, bias)]
+
+
+def run(fn, t, h, w, n):
+    x = [a.detach().clone().requires_grad_(True) for a in t]
+    u, delta, A, xbc, Ds, bias = x
+    y = fn(u, delta, A, xbc[..., :n], xbc[..., n:], Ds, bias, h, w, True)
+    go = torch.sin(torch.arange(y.numel(), device=y.device, dtype=torch.float32)).reshape(y.shape)
+    (y * go).sum().backward()
+    return y.detach(), [a.grad for a in x]
+
+
+# (b, h, w, d, n, override): several chunks per segment, tails, a partial last segment, partial D blocks
+CASES = [
+    (1, 8, 8, 8, 4, dict(ck=8, nseg=4)),      # 8 chunks, 4 segments of 2
+    (2, 5, 7, 6, 4, dict(ck=8, nseg=2)),      # L=35: tail chunk, 5 chunks -> segments of 3 (one padded)
+    (1, 6, 6, 40, 2, dict(ck=8, nseg=5, bd=16)),  # D blocks of 16 with a partial one, 5 segments
+    (1, 8, 8, 8, 4, dict(ck=16, nseg=2, recomp=0)),  # backward keeping every state in the scratch buffer
+    (1, 1, 3, 3, 1, dict(ck=8, nseg=1, recomp=1)),   # sub-chunk recompute without segments, n = 1
+]
+
+
+def check_case(b, h, w, d, n, override, device, tol=2e-5):
+    t = inputs(b * 100 + h * 10 + w, b, h, w, d, n, device)
+    fs.LAUNCH_OVERRIDE.clear()
+    fs.LAUNCH_OVERRIDE.update(override)
+    try:
+        plan = fs.scan_plan(b, h * w, d, n)
+        assert plan.nseg > 1 or plan.recomp, plan
+        y1, g1 = run(fs.ss2d_scan_triton, t, h, w, n)
+    finally:
+        fs.LAUNCH_OVERRIDE.clear()
+    y0, g0 = run(fs.ss2d_scan_torch, t, h, w, n)
+    assert rel(y1, y0) < tol, rel(y1, y0)
+    for name, a, r in zip(["u", "delta", "A", "BC", "D", "bias"], g1, g0):
+        assert rel(a, r) < tol, (name, rel(a, r))
+
+
+def check_combine(device):
+    g = torch.Generator().manual_seed(5)
+    bk, nseg, n, d = 8, 5, 4, 12
+    loc = torch.randn(bk, nseg, n, d, generator=g).to(device)
+    sdt = torch.rand(bk, nseg, d, generator=g).to(device)
+    A = -torch.rand(4 * d, n, generator=g).to(device)
+    At = A.t().contiguous()
+    _, _, comb = fs._kernels(loc)
+    for reverse in (False, True):
+        out = torch.full_like(loc, float("nan"))
+        comb[(bk, 2)](loc, sdt, At, out, d, nseg, nseg * d * n, d * n, N=n, BD=8, REVERSE=reverse)
+        ref = fs.combine_segments_torch(loc, sdt, A, reverse)
+        assert not out.isnan().any()
+        assert rel(out, ref) < 1e-6, rel(out, ref)
+
+
+def _interpreter_checks() -> None:
+    check_combine("cpu")
+    print("ok combine", flush=True)
+    for case in CASES:
+        check_case(*case, "cpu")
+        print("ok", case, flush=True)
+
+
+def test_combine_reference_is_the_sequential_recurrence():
+    """combine_segments_torch: the carry into segment s equals running the recurrence over 0..s-1."""
+    g = torch.Generator().manual_seed(0)
+    loc, sdt, A = torch.randn(4, 3, 2, 5, generator=g), torch.rand(4, 3, 5, generator=g), -torch.rand(20, 2, generator=g)
+    out = fs.combine_segments_torch(loc, sdt, A)
+    a = A.reshape(4, 5, 2).transpose(1, 2)
+    assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))
+    assert torch.allclose(out[:, 2], torch.exp(sdt[:, 1, None] * a) * loc[:, 0] + loc[:, 1])
+    back = fs.combine_segments_torch(loc, sdt, A, reverse=True)
+    assert torch.allclose(back[:, 0], torch.exp(sdt[:, 1, None] * a) * loc[:, 2] + loc[:, 1])
+
+
+def test_scan_plan_segments_long_sequences_only():
+    fs.LAUNCH_OVERRIDE.clear()
+    assert fs.scan_plan(16, 64, 256, 16).nseg == 1          # TaxiBJ: one chunk, no segments
+    kth = fs.scan_plan(4, 4096, 256, 16)                      # KTH: 128 programs -> segmented
+    assert kth.nseg > 1 and kth.nseg * kth.cps * kth.ck >= 4096 and kth.bd == 32
+    assert 4 * 4 * (256 // kth.bd) * kth.nseg <= fs.TARGET_PROGRAMS
+
+
+@pytest.mark.skipif(not fs.HAS_TRITON, reason="triton is not installed")
+def test_chunked_triton_scan_matches_torch_on_cpu_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [str(HERE.parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    proc = subprocess.run([sys.executable, str(HERE)], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("ok") == len(CASES) + 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (CUDA and fs.HAS_TRITON), reason="needs a GPU and triton")
+@pytest.mark.parametrize("case", CASES + [(2, 32, 32, 64, 16, {}), (1, 64, 64, 32, 16, {}), (4, 64, 64, 256, 16, {})])
+def test_chunked_triton_scan_matches_torch_on_gpu(case):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    *shape, override = case
+    if not override and fs.scan_plan(shape[0], shape[1] * shape[2], shape[3], shape[4]).nseg == 1:
+        override = {"nseg": 4}
+    check_case(*shape, override, "cuda", tol=5e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (CUDA and fs.HAS_TRITON), reason="needs a GPU and triton")
+def test_combine_kernel_on_gpu():
+    check_combine("cuda")
+
+
+if __name__ == "__main__":  # run by test_chunked_triton_scan_matches_torch_on_cpu_interpreter
+    _interpreter_checks()

@@ -17,10 +17,12 @@ from vmrnn.ops.ss2d_scan import ss2d_scan
 
 N_DIRECTIONS = 4
 SS2D_IMPLS = ("reference", "fused")
-# fused_backend "auto" on GPU: the Triton fused scan up to this many tokens per scan; longer sequences
-# (KTH's 64x64 grid) go through the reference dataflow and mamba_ssm's kernel, which was measured faster
-# there (docs/PERFORMANCE.md: the Triton scan has one warp per 32 channels, too few warps at B=4, L=4096).
-FUSED_TRITON_MAX_L = 256
+# fused_backend "auto" on GPU: the Triton fused scan up to this many tokens per scan (None: always), else
+# the reference dataflow with mamba_ssm's kernel. The Triton scan was too slow for long sequences at small
+# batch (KTH's 64x64 grid at B=4: one program per 32 channels walking 4096 tokens) until it ran them
+# chunk-parallel (vmrnn.ops.ss2d_scan.scan_plan); it now matches the mamba_ssm path's step time there
+# with less memory and no cross-scan copies (docs/PERFORMANCE.md).
+FUSED_TRITON_MAX_L: int | None = None
 
 
 def cross_scan(x: Tensor) -> Tensor:
@@ -112,6 +114,8 @@ class SS2D(nn.Module):
         if self.impl != "fused":
             return False
         if self.fused_backend != "auto" or not x.is_cuda:
+            return True
+        if FUSED_TRITON_MAX_L is None:
             return True
         from vmrnn.ops import cuda_scan_available  # noqa: PLC0415
 

@@ -9,9 +9,9 @@ on the GPU by `vmrnn bench --check`):
 - ``precision="bf16"``: autocast to bf16 for the matrix products and activations; the selective-scan state,
   its A / D / dt-bias, LayerNorm statistics and the loss stay fp32.
 - ``fused=True``: SS2D runs its fused layout (channels-last depthwise conv, one GEMM for the four x_proj
-  projections, the four-direction scan reading and writing spatial tokens: `vmrnn.ops.ss2d_scan`). With
-  ``scan_backend="auto"`` on GPU, grids of more than `vmrnn.models.ss2d.FUSED_TRITON_MAX_L` tokens keep
-  the reference dataflow with mamba_ssm's kernel (faster there; docs/PERFORMANCE.md).
+  projections, the four-direction scan reading and writing spatial tokens: `vmrnn.ops.ss2d_scan`; long
+  sequences at small batch run chunk-parallel). `vmrnn.models.ss2d.FUSED_TRITON_MAX_L` (default None:
+  no limit) can send larger grids back to the reference dataflow with mamba_ssm's kernel.
 - ``scan_backend``: the reference layout's selective scan (``auto`` | ``torch`` | ``cuda``) or, when fused,
   the fused scan's (``auto`` | ``torch`` | ``triton``); ``auto`` takes the compiled kernel on GPU.
 - ``compile=True``: every SS2D forward goes through ``torch.compile`` (inductor fuses the element-wise

@@ -2,6 +2,7 @@
 
   python benchmarks/gpu_checks.py presets --out presets.json    # issue #2 part 6: fwd/bwd per preset, cuda scan
   python benchmarks/gpu_checks.py scans --out scans.json        # SS2D layouts and scan kernels, per shape
+  python benchmarks/gpu_checks.py scan_variants --out v.json     # segmented-scan plans: check, time, pick
 """
 
 from __future__ import annotations
@@ -166,10 +167,85 @@ def scans(out, sweep):
     json.dump(res, open(out, "w"), indent=1)
 
 
+# (ck, ub, recomp) candidates for the segmented (chunk-parallel) plan; the first is the previous default
+SEG_VARIANTS = [(64, 4, 0), (64, 4, 1), (64, 8, 1), (128, 4, 1), (32, 4, 1)]
+SEG_SHAPES = {"kth": (4, 64, 64, 256), "mmnist-l0": (16, 32, 32, 256), "mmnist-l1": (16, 16, 16, 512)}
+
+
+def scan_variants(out):
+    """Check each segmented plan against the torch reference (fp32, small shape) and time it at the
+    presets' long-sequence shapes (bf16, forward and forward+backward). Prints the fastest (sum over
+    the KTH and Moving MNIST level-0 shapes) as VMRNN_SS2D_* environment assignments on the last line."""
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "variants": {}}
+    best, best_t = None, float("inf")
+    for ck, ub, rc in SEG_VARIANTS:
+        key = f"ck{ck}-ub{ub}-recomp{rc}"
+        r = {}
+        fs.LAUNCH_OVERRIDE.clear()
+        fs.LAUNCH_OVERRIDE.update(ck=ck, ub=ub, recomp=rc)
+        try:
+            # correctness first: fp32, 2x32x32 grid, D=64, forced segments
+            g = torch.Generator(device="cuda").manual_seed(ck + ub + rc)
+            b, h, w, d, n = 2, 32, 32, 64, 16
+            L = h * w
+            t = [torch.randn(b, L, d, device="cuda", generator=g),
+                 torch.randn(b, L, 4, d, device="cuda", generator=g) * 0.5,
+                 -torch.exp(torch.randn(4 * d, n, device="cuda", generator=g) * 0.5 - 0.7),
+                 torch.randn(b, L, 4, 2 * n, device="cuda", generator=g),
+                 torch.randn(4 * d, device="cuda", generator=g),
+                 torch.randn(4 * d, device="cuda", generator=g) * 0.3 - 2.0]
+            go = torch.randn(b, L, 4, d, device="cuda", generator=g)
+            outs = []
+            for fn in (fs.ss2d_scan_torch, fs.ss2d_scan_triton):
+                x = [a.clone().requires_grad_(True) for a in t]
+                y = fn(x[0], x[1], x[2], x[3][..., :n], x[3][..., n:], x[4], x[5], h, w, True)
+                (y * go).sum().backward()
+                outs.append([y.detach()] + [a.grad for a in x])
+            r["plan_check"] = list(fs.scan_plan(b, L, d, n))
+            r["max_rel_err"] = max(rel(a, c) for a, c in zip(outs[1], outs[0]))
+            if not r["max_rel_err"] < 1e-4:
+                raise RuntimeError(f"wrong: rel err {r['max_rel_err']}")
+            total = 0.0
+            for name, (b, h, w, d) in SEG_SHAPES.items():
+                L = h * w
+                u = torch.randn(b, L, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                delta = (torch.randn(b, L, 4, d, device="cuda") * 0.5).bfloat16().requires_grad_(True)
+                A = -torch.exp(torch.randn(4 * d, n, device="cuda") * 0.5).requires_grad_(True)
+                bc = torch.randn(b, L, 4, 2 * n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                Ds = torch.ones(4 * d, device="cuda", requires_grad=True)
+                bias = (torch.zeros(4 * d, device="cuda") - 2).requires_grad_(True)
+                go = torch.randn(b, L, 4, d, device="cuda", dtype=torch.bfloat16)
+
+                def f():
+                    return fs.ss2d_scan_triton(u, delta, A, bc[..., :n], bc[..., n:], Ds, bias, h, w, True)
+
+                with torch.no_grad():
+                    tf = timed(f)
+                tb = timed(lambda: f().backward(go))
+                r[name] = {"plan": list(fs.scan_plan(b, L, d, n)), "fwd_ms": round(tf, 3), "fwdbwd_ms": round(tb, 3)}
+                if name != "mmnist-l1":
+                    total += tb
+            r["score_ms"] = round(total, 3)
+            if total < best_t:
+                best, best_t = (ck, ub, rc), total
+        except Exception as exc:  # noqa: BLE001
+            r["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        fs.LAUNCH_OVERRIDE.clear()
+        res["variants"][key] = r
+        print(key, json.dumps(r), flush=True)
+    res["best"] = best
+    json.dump(res, open(out, "w"), indent=1)
+    ck, ub, rc = best if best else SEG_VARIANTS[0]
+    print(f"VMRNN_SS2D_CK={ck} VMRNN_SS2D_UB={ub} VMRNN_SS2D_RECOMP={rc}")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["presets", "scans"])
+    ap.add_argument("what", choices=["presets", "scans", "scan_variants"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--sweep", action="store_true")
     a = ap.parse_args()
-    presets(a.out) if a.what == "presets" else scans(a.out, a.sweep)
+    if a.what == "scan_variants":
+        scan_variants(a.out)
+    else:
+        presets(a.out) if a.what == "presets" else scans(a.out, a.sweep)

@@ -35,6 +35,26 @@ class CheckpointError(FileNotFoundError):
     """A checkpoint path that does not hold a vmrnn training checkpoint (shown as a user error)."""
 
 
+def load_tensors(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """`torch.load(path, weights_only=True)` with a one-line `CheckpointError` when the file is not a
+    torch file or holds anything but tensors and plain data (a pickled object could run code on load:
+    it is refused, never unpickled)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} does not exist") from None
+    except Exception as exc:
+        text = str(exc)
+        unsafe = re.search(r"(unsupported GLOBAL [^\n]*?)(?: whose module| because|\.\s|\n|$)", text)
+        if unsafe:
+            why = (f"it holds pickled Python objects ({unsafe.group(1).strip()}), not only tensors; "
+                   "refused: loading it would run code")
+        else:
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            why = f"not a readable torch file ({type(exc).__name__}: {lines[0][:200] if lines else ''})"
+        raise CheckpointError(f"cannot read checkpoint file {path}: {why}") from None
+
+
 def write_checkpoint(directory: str | os.PathLike, state: dict[str, Any], best_model: dict[str, Any] | None,
                      meta: dict[str, Any]) -> Path:
     """Write the checkpoint files into `directory` (created)."""
@@ -108,13 +128,10 @@ def latest_checkpoint(root: str | os.PathLike | None) -> Path | None:
 
 def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     d = find_checkpoint(path)
-    try:
-        state = torch.load(d / STATE_FILE, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {d / STATE_FILE}: {exc}") from exc
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {d} has format version {state.get('format_version')}, "
-                              f"this vmrnn reads {FORMAT_VERSION}")
+    state = load_tensors(d / STATE_FILE, map_location)
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        version = state.get("format_version") if isinstance(state, dict) else None
+        raise CheckpointError(f"checkpoint {d} has format version {version}, this vmrnn reads {FORMAT_VERSION}")
     state["path"] = str(d)
     return state
 
@@ -124,7 +141,7 @@ def load_best_model(path: str | os.PathLike, map_location: str | torch.device = 
     f = d / BEST_FILE if (d / BEST_FILE).exists() else None
     if f is None:
         return load_state(d, map_location)["model"]
-    return torch.load(f, map_location=map_location, weights_only=True)
+    return load_tensors(f, map_location)
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

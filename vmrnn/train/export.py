@@ -136,8 +136,10 @@ class LoadedForecaster:
 
 
 def _from_dir(weights: Path, meta_path: Path, device: torch.device, source: str) -> LoadedForecaster:
+    from vmrnn.train.checkpoint import load_tensors
+
     meta = json.loads(meta_path.read_text())
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = load_tensors(weights)
     fc = build_forecaster(state, meta["model"], meta["n_input"], meta["n_future"], device)
     return LoadedForecaster(fc, meta["n_input"], meta["n_future"], meta, source, device)
 

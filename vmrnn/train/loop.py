@@ -225,46 +225,53 @@ def run_training(cfg: TrainConfig, env: DistEnv | None = None, *, resume: dict[s
     model = _build_model(cfg)
     model_cfg = model.config.to_dict()
     meta = make_meta(cfg, model_cfg, spec)
-    train_ds, val_ds = build_split(cfg, "train"), build_split(cfg, "val")
-    start_epoch, history = 0, []
-    best_epoch, best_val = -1, math.inf
-    best_state: dict[str, Tensor] | None = None
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        start_epoch = int(resume["epoch"]) + 1
-        history = list(resume.get("history", []))
-        best_epoch = int(resume.get("best_epoch", -1))
-        best_val = float(resume.get("best_val_mse", math.inf))
-        best_state = resume.get("best_model")
-    ddp_model = env.prepare_model(model)
-    core = unwrap(ddp_model)
-    optimizer = build_optimizer(core, cfg)
-    train_loader, sampler = make_train_loader(train_ds, cfg, env)
-    steps_per_epoch = len(train_loader) if cfg.max_train_batches is None else min(len(train_loader),
-                                                                                  cfg.max_train_batches)
-    schedule = LRSchedule(optimizer, cfg, steps_per_epoch)
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        schedule.load_state_dict(resume.get("scheduler", {}))
-    val_loader = make_eval_loader(val_ds, cfg.val_batch_size, env, cfg.num_loader_workers, cfg.max_val_batches)
-    step_fn = make_train_step(ddp_model, optimizer, n_input=n_input, execution=execution,
-                              loss_target=cfg.loss_target, loss_kind=cfg.loss_kind, grad_clip=cfg.grad_clip,
-                              device=device)
-    forecast_fn = make_forecast(core, n_input=n_input, execution=execution, device=device)
-    vis_idx = _vis_indices(len(val_ds), cfg.n_vis_samples) if env.is_main and tracker is not None else []
+    # Setup failures (unreadable data, a checkpoint of another model) close the MLflow run as FAILED too.
+    try:
+        train_ds, val_ds = build_split(cfg, "train"), build_split(cfg, "val")
+        start_epoch, history = 0, []
+        best_epoch, best_val = -1, math.inf
+        best_state: dict[str, Tensor] | None = None
+        if resume is not None:
+            _load_resumed_weights(model, resume, model_cfg)
+            start_epoch = int(resume["epoch"]) + 1
+            history = list(resume.get("history", []))
+            best_epoch = int(resume.get("best_epoch", -1))
+            best_val = float(resume.get("best_val_mse", math.inf))
+            best_state = resume.get("best_model")
+        ddp_model = env.prepare_model(model)
+        core = unwrap(ddp_model)
+        optimizer = build_optimizer(core, cfg)
+        train_loader, sampler = make_train_loader(train_ds, cfg, env)
+        steps_per_epoch = len(train_loader) if cfg.max_train_batches is None else min(len(train_loader),
+                                                                                      cfg.max_train_batches)
+        schedule = LRSchedule(optimizer, cfg, steps_per_epoch)
+        if resume is not None:
+            optimizer.load_state_dict(resume["optimizer"])
+            schedule.load_state_dict(resume.get("scheduler", {}))
+        val_loader = make_eval_loader(val_ds, cfg.val_batch_size, env, cfg.num_loader_workers, cfg.max_val_batches)
+        step_fn = make_train_step(ddp_model, optimizer, n_input=n_input, execution=execution,
+                                  loss_target=cfg.loss_target, loss_kind=cfg.loss_kind, grad_clip=cfg.grad_clip,
+                                  device=device)
+        forecast_fn = make_forecast(core, n_input=n_input, execution=execution, device=device)
+        vis_idx = _vis_indices(len(val_ds), cfg.n_vis_samples) if env.is_main and tracker is not None else []
 
-    def vis_batch() -> tuple[Tensor, Tensor, Tensor]:
-        items = [val_ds[i] for i in vis_idx]
-        inputs = torch.stack([it[0] for it in items]).to(device)
-        targets = torch.stack([it[1] for it in items]).to(device)
-        core.eval()
-        with torch.no_grad():
-            preds = forecast_fn(torch.cat([inputs, targets], 1))[:, n_input - 1:]
-        core.train()
-        return inputs.cpu(), targets.cpu(), preds.cpu()
+        def vis_batch() -> tuple[Tensor, Tensor, Tensor]:
+            items = [val_ds[i] for i in vis_idx]
+            inputs = torch.stack([it[0] for it in items]).to(device)
+            targets = torch.stack([it[1] for it in items]).to(device)
+            core.eval()
+            with torch.no_grad():
+                preds = forecast_fn(torch.cat([inputs, targets], 1))[:, n_input - 1:]
+            core.train()
+            return inputs.cpu(), targets.cpu(), preds.cpu()
 
-    result_metrics: dict[str, Any] = history[-1] if history else {}
-    test_metrics: dict[str, Any] = {k[5:]: v for k, v in result_metrics.items() if k.startswith("test_")}
+        result_metrics: dict[str, Any] = history[-1] if history else {}
+        test_metrics: dict[str, Any] = {k[5:]: v for k, v in result_metrics.items() if k.startswith("test_")}
+    except BaseException as exc:
+        if tracker is not None:
+            tracker.fail(exc)
+        raise
+
     try:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
@@ -437,13 +444,32 @@ def train(cfg: TrainConfig | dict[str, Any], *, resume_from: str | None = None, 
     return out
 
 
+def _load_resumed_weights(model: torch.nn.Module, resume: dict[str, Any], model_cfg: dict[str, Any]) -> None:
+    """Load a checkpoint's weights into this run's model; a checkpoint of another architecture is a
+    `CheckpointMismatch` naming what differs, not a wall of state_dict keys."""
+    from vmrnn.models import CheckpointMismatch
+
+    try:
+        model.load_state_dict(resume["model"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        saved = resume.get("model_config") or {}
+        diff = [f"{k}={saved.get(k)!r} (this run: {model_cfg.get(k)!r})"
+                for k in sorted(set(saved) | set(model_cfg)) if saved.get(k) != model_cfg.get(k)]
+        why = ", ".join(diff[:6]) if diff else str(exc).strip().splitlines()[0][:200]
+        raise CheckpointMismatch(f"checkpoint {resume.get('path', '')} holds a different model than this run: "
+                                 f"{why}; resume with the settings it was trained with, or start a new run") \
+            from None
+
+
 def _load_best(path: str) -> dict[str, Tensor] | None:
     from vmrnn.train.checkpoint import BEST_FILE
 
     from pathlib import Path
 
+    from vmrnn.train.checkpoint import load_tensors
+
     f = Path(path) / BEST_FILE
-    return torch.load(f, map_location="cpu", weights_only=True) if f.exists() else None
+    return load_tensors(f) if f.exists() else None
 
 
 __all__ = ["REPORTED_KEYS", "EpochResult", "TrainResult", "TrainingDiverged", "TrainingStopped", "evaluate",

@@ -104,6 +104,27 @@ def _maybe_crash(fault: dict[str, Any] | None, epoch: int, rank: int) -> None:
     os._exit(1)
 
 
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean 'bad input' (data, config, checkpoint), deterministic: retrying cannot help."""
+    from vmrnn.data.errors import DataError
+    from vmrnn.models import CheckpointMismatch, ConfigError
+    from vmrnn.train.checkpoint import CheckpointError
+
+    return (DataError, ConfigError, CheckpointMismatch, CheckpointError)
+
+
+def raise_if_failed(summary: Any) -> None:
+    """Re-raise in the driver what the workers returned instead of raising: bad input (`failed`) as
+    itself, divergence as `TrainingDiverged`."""
+    if not isinstance(summary, dict):
+        return
+    if summary.get("failed") is not None:
+        raise summary["failed"]
+    if summary.get("diverged"):
+        raise TrainingDiverged(summary.get("epoch", -1), summary.get("step", -1), summary.get("loss", float("nan")),
+                               summary.get("lr"))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker entry. config: {"train_config": TrainConfig dict (resolved, with run_key, as
     `build_trainer` passes it), "threads_per_worker": int, "fault_injection": test hook}, or a plain
@@ -142,6 +163,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     try:
         result = run_training(cfg, env, resume=resume, on_epoch_end=on_epoch_end, tracker=tracker)
+    except _input_errors() as exc:
+        # Bad data or a checkpoint of another model fails the same way on every attempt (and on every
+        # rank, before any collective): no retry, no worker traceback; `fit` raises it in the driver.
+        return {"diverged": False, "failed": exc, "error": f"{type(exc).__name__}: {exc}",
+                "run_id": getattr(tracker, "run_id", None)}
     except TrainingDiverged as exc:
         # Every rank sees the same summed losses, so every rank gets here at the same step.
         metrics = {k: float("nan") for k in REPORTED_KEYS}
@@ -245,10 +271,9 @@ def fit(cfg: TrainConfig | dict[str, Any], num_workers: int = 1, use_gpu: bool =
                             run_config=run_config, fault_injection=fault_injection,
                             threads_per_worker=threads_per_worker)
     result = trainer.fit()
-    rv = result.return_value or {}
-    if rv.get("diverged"):
-        raise TrainingDiverged(rv["epoch"], rv["step"], rv["loss"], rv.get("lr"))
+    raise_if_failed(result.return_value)
     return result
 
 
-__all__ = ["ProgressCallback", "build_trainer", "fit", "init_local_ray", "prepare_config", "train_loop_per_worker"]
+__all__ = ["ProgressCallback", "build_trainer", "fit", "init_local_ray", "prepare_config", "raise_if_failed",
+           "train_loop_per_worker"]

@@ -40,6 +40,7 @@ RUN_KEY_TAG = "vmrnn.run_key"
 MODEL_TAG = "vmrnn.model_uri"                 # models:/m-... of the logged best model
 MODEL_ARTIFACT_PATH = "model"                 # its name in the run: runs:/<run_id>/model
 FAILURE_TAG = "vmrnn.failure_reason"
+RESTARTS_TAG = "vmrnn.restarts"  # times the run was continued after a stop (worker failure, resume)
 PARENT_TAG = "mlflow.parentRunId"
 SECRET_RE = re.compile(r"(secret|token|passw|credential|api[_-]?key|access[_-]?key|private[_-]?key|auth)", re.I)
 _PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
@@ -108,6 +109,16 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         db = Path(uri[len("sqlite:///"):])
         if not db.parent.is_dir():
             raise TrackingUnavailable(f"MLflow tracking store {uri}: folder {db.parent} does not exist")
+    elif "://" in uri:
+        scheme = uri.split("://", 1)[0].lower()
+        if scheme not in _OTHER_SCHEMES and scheme.split("+")[0] not in _DB_SCHEMES:
+            raise TrackingUnavailable(
+                f"MLflow tracking URI {strip_credentials(uri)} has an unknown scheme {scheme!r}: use "
+                "http(s)://HOST:PORT (a tracking server), sqlite:///PATH/mlflow.db, file:///PATH or a folder")
+
+
+_DB_SCHEMES = ("sqlite", "mysql", "postgresql", "mssql")  # SQLAlchemy stores, with an optional +driver
+_OTHER_SCHEMES = ("file", "databricks", "databricks-uc", "uc")
 
 
 @contextlib.contextmanager
@@ -243,6 +254,15 @@ class Tracker:
             else:
                 if run.info.status != "RUNNING":
                     client.update_run(run.info.run_id, status="RUNNING")
+                # A restart (worker failure, resumed sweep or --resume) is visible on the run: how many,
+                # from which epoch, and the failure that caused it (no longer the run's failure reason).
+                tags = run.data.tags
+                client.set_tag(run.info.run_id, RESTARTS_TAG, str(int(tags.get(RESTARTS_TAG, "0") or 0) + 1))
+                epochs = [int(h["epoch"]) for h in history if "epoch" in h]
+                client.set_tag(run.info.run_id, "vmrnn.resumed_from_epoch", str(max(epochs)) if epochs else "none")
+                if tags.get(FAILURE_TAG):
+                    client.set_tag(run.info.run_id, "vmrnn.previous_failure", tags[FAILURE_TAG][:5000])
+                    client.delete_tag(run.info.run_id, FAILURE_TAG)
                 log.info("continuing MLflow run %s", run.info.run_id)
             self = cls(cfg, client, uri, exp_id, run.info.run_id)
             self._log_params(run)

@@ -69,10 +69,8 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     error = getattr(result, "error", None)
     if error is not None:  # a Train failure must fail the trial, not end it as if it finished
         raise error
-    summary = getattr(result, "return_value", None) or {}
-    if isinstance(summary, dict) and summary.get("diverged"):
-        # The workers stop on a NaN/inf loss and return normally: fail the trial (it was not pruned).
-        from vmrnn.train.loop import TrainingDiverged
+    # The workers return (rather than raise) on a NaN/inf loss and on bad input, so that Ray does not
+    # retry what would fail again: fail the trial here with that reason (it was not pruned).
+    from vmrnn.train.ray_train import raise_if_failed
 
-        raise TrainingDiverged(summary.get("epoch", -1), summary.get("step", -1), summary.get("loss", float("nan")),
-                               summary.get("lr"))
+    raise_if_failed(getattr(result, "return_value", None))

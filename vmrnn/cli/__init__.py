@@ -34,7 +34,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that mean 'bad input', not 'bug': shown without a traceback."""
     from vmrnn.models import CheckpointMismatch, ConfigError
 
-    types: list[type[BaseException]] = [UserError, ConfigError, CheckpointMismatch, FileNotFoundError]
+    # OSErrors of paths the user named (a file where a folder should be, no permission, ...) too.
+    types: list[type[BaseException]] = [UserError, ConfigError, CheckpointMismatch, FileNotFoundError,
+                                        NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError]
     try:
         from vmrnn.data.errors import DataError
         types.append(DataError)

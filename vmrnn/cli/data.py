@@ -77,6 +77,7 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"{args.dataset}: {kind} data at {store.describe()}")
     print(f"  frames {spec.in_frames} -> {spec.out_frames}, {spec.channels}x{spec.height}x{spec.width}, "
           f"model preset {spec.preset!r}")
+    failed = []
     for split in ("train", "val", "test"):
         try:
             ds = build_dataset(args.dataset, args.data_dir, split, seed=args.seed, val_fraction=args.val_fraction,
@@ -84,4 +85,8 @@ def run_info(args: argparse.Namespace) -> int:
             print(f"  {split:5s} {len(ds):8d} samples")
         except DataError as exc:
             print(f"  {split:5s}        - ({exc})")
+            failed.append((split, exc))
+    if failed:  # data that cannot be trained on is an error, not just a line in the table
+        splits = ", ".join(s for s, _ in failed)
+        raise DataError(f"{args.dataset} split(s) {splits} cannot be read: {failed[0][1]}")
     return 0

@@ -109,6 +109,12 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     if args.workers < 1:
         raise _user_error(f"--workers must be >= 1; got {args.workers}")
+    if args.cpus_per_worker is not None and not args.cpus_per_worker > 0:
+        raise _user_error(f"--cpus-per-worker must be > 0; got {args.cpus_per_worker:g}")
+    if not args.gpus_per_worker >= 0:
+        raise _user_error(f"--gpus-per-worker must be >= 0; got {args.gpus_per_worker:g}")
+    if args.max_failures < -1:
+        raise _user_error(f"--max-failures must be >= 0 (or -1: retry forever); got {args.max_failures}")
     try:
         if args.no_ray:
             summary = _train_plain(cfg, args)
@@ -144,7 +150,26 @@ def _train_ray(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     if args.resume:
         raise _user_error("--resume is for --no-ray runs; a Ray run resumes by itself after a worker failure")
     cfg = ray_train.prepare_config(cfg)  # data and MLflow problems fail here, before Ray starts
+    from vmrnn.train.loop import build_split
+
+    build_split(cfg, "train")[0]  # unreadable or wrong-shape data: one error here, not in every worker
+    local = not (args.ray_address or os.environ.get("RAY_ADDRESS"))
+    if local and args.gpus_per_worker > 0:  # a local Ray has this machine's GPUs and no more: never wait
+        import torch
+
+        need, have = args.gpus_per_worker * args.workers, torch.cuda.device_count()
+        if need > have:
+            raise _user_error(f"{args.workers} worker(s) x {args.gpus_per_worker:g} GPU need {need:g} GPU(s) "
+                              f"but this machine has {have}; pass --gpus-per-worker 0 to train on CPUs")
     ray_train.init_local_ray(address=args.ray_address, log_to_driver=True)
+    if local and args.cpus_per_worker:
+        import ray
+
+        have = float(ray.cluster_resources().get("CPU", 0))
+        if args.cpus_per_worker * args.workers > have:
+            raise _user_error(f"{args.workers} worker(s) x {args.cpus_per_worker:g} CPU need "
+                              f"{args.cpus_per_worker * args.workers:g} CPUs but this machine has {have:g}; "
+                              "lower --cpus-per-worker or --workers")
     res_per_worker = None
     if args.cpus_per_worker or args.gpus_per_worker:
         res_per_worker = {}
@@ -231,6 +256,14 @@ def _device(spec: str) -> str:
 
     if spec == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise _user_error(f"--device {spec!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise _user_error(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise _user_error(f"--device {spec!r}: vmrnn runs on cpu or cuda")
     return spec
 
 
@@ -244,6 +277,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from vmrnn.train.loop import evaluate
     from vmrnn.train.step import ExecutionConfig
 
+    if args.batch_size < 1:
+        raise _user_error(f"--batch-size must be >= 1; got {args.batch_size}")
+    if args.max_batches is not None and args.max_batches < 1:
+        raise _user_error(f"--max-batches must be >= 1; got {args.max_batches}")
     _set_tracking(args.tracking_uri)
     fc = _load(args.checkpoint or args.model, args.device)
     if fc.model is None:
@@ -255,6 +292,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise _user_error("the model does not say which dataset it was trained on: pass --dataset")
     ds = build_dataset(name, args.data_dir, args.split)
     x, y = ds[0]
+    want = tuple(ds_meta.get(k) for k in ("channels", "height", "width"))
+    if None not in want and tuple(x.shape[1:]) != want:
+        raise _user_error(f"the model was trained on {ds_meta.get('name')} frames of "
+                          f"{'x'.join(map(str, want))} (channels x height x width) but {name} has "
+                          f"{'x'.join(map(str, x.shape[1:]))}: evaluate it on data of its own kind")
     device = torch.device(_device(args.device))
     env = DistEnv(device=device)
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False)

@@ -99,6 +99,7 @@ class TrialResources:
     per_worker: dict[str, float]  # Ray Train resources_per_worker
     driver_cpus: float  # the Tune trial's own actor (it runs the TorchTrainer's fit)
     max_concurrent: int
+    note: str = ""  # why max_concurrent differs from what was asked
 
     def describe(self) -> str:
         per = ", ".join(f"{v:g} {k}" for k, v in self.per_worker.items())
@@ -108,12 +109,16 @@ class TrialResources:
 
 def plan_resources(cluster: ClusterInfo, *, workers_per_trial: int, gpus_per_worker: float | None,
                    cpus_per_worker: float | None, max_concurrent: int | None,
-                   num_samples: int, driver_cpus: float = 1.0) -> TrialResources:
+                   num_samples: int, driver_cpus: float = 1.0, can_grow: bool = True) -> TrialResources:
     """Per-trial resources and how many trials fit at once.
 
     GPUs: concurrency = floor(cluster GPUs / (gpus_per_worker x workers_per_trial)), also bounded by the
     CPUs (each trial needs its driver CPU plus cpus_per_worker per worker). CPU only: from the CPUs,
-    counting the trial driver's CPU. An explicit max_concurrent wins; never more than num_samples.
+    counting the trial driver's CPU. An explicit max_concurrent wins on a cluster that `can_grow`
+    (autoscaling: the extra trials' workers bring nodes up); on one that cannot (a local Ray) it is
+    capped to what fits, because Tune reserves only each trial's driver CPU: trials started beyond what
+    fits would hold the CPUs that the running trials' workers wait for, and every trial would hang.
+    Never more than num_samples.
     """
     if workers_per_trial < 1:
         raise ValueError(f"--workers-per-trial must be >= 1; got {workers_per_trial}")
@@ -137,9 +142,15 @@ def plan_resources(cluster: ClusterInfo, *, workers_per_trial: int, gpus_per_wor
     fits = math.floor(cluster.cpus / cpu_per_trial + 1e-9)
     if use_gpu:
         fits = min(fits, math.floor(cluster.gpus / (gpus_per_worker * workers_per_trial) + 1e-9))
+    note = ""
     if max_concurrent is not None:
         if max_concurrent < 1:
             raise ValueError(f"--max-concurrent must be >= 1; got {max_concurrent}")
-        fits = max_concurrent
+        if max_concurrent > fits and not can_grow:
+            note = (f"--max-concurrent {max_concurrent}: this Ray has {cluster.cpus:g} CPU / {cluster.gpus:g} GPU "
+                    f"and cannot grow, so {max(1, fits)} trial(s) run at a time (each needs {cpu_per_trial:g} "
+                    "CPUs); the others wait in Tune's queue")
+        else:
+            fits = max_concurrent
     return TrialResources(workers=workers_per_trial, use_gpu=use_gpu, per_worker=per_worker,
-                          driver_cpus=driver_cpus, max_concurrent=max(1, min(fits, num_samples)))
+                          driver_cpus=driver_cpus, max_concurrent=max(1, min(fits, num_samples)), note=note)

@@ -39,6 +39,8 @@ class EpochASHA(ASHAScheduler):
         return result if done is None else {**result, D.TIME_ATTR: done}
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get("diverged"):  # NaN metrics: not a rung value; the trial fails by itself (FAILED)
+            return TrialScheduler.CONTINUE
         result = self._shift(result)
         action = super().on_trial_result(tune_controller, trial, result)
         if action == TrialScheduler.STOP and result.get(D.TIME_ATTR, 0) >= self.epochs:

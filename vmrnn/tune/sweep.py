@@ -33,7 +33,7 @@ class SweepError(Exception):
 # running sweep's shape).
 SWEEP_SETTINGS = ("dataset", "smoke", "preset", "data_dir", "epochs", "num_samples", "workers_per_trial",
                   "gpus_per_worker", "cpus_per_worker", "grace_period", "reduction_factor", "seed",
-                  "max_train_batches", "max_val_batches")
+                  "max_train_batches", "max_val_batches", "points")
 
 
 def build_parser(spec: SweepSpec, prog: str | None = None) -> argparse.ArgumentParser:
@@ -82,6 +82,10 @@ def build_parser(spec: SweepSpec, prog: str | None = None) -> argparse.ArgumentP
     g.add_argument("--reduction-factor", type=int, metavar="N",
                    help=f"ASHA: keep the best 1/N at each rung (default {spec.reduction_factor})")
     g.add_argument("--seed", type=int, metavar="N", help="seed of the TPE sampler and of training (default 0)")
+    g.add_argument("--point", dest="points", action="append", metavar="KEY=VALUE[,KEY=VALUE...]",
+                   help="also evaluate this configuration, right after the official one; keys left out take "
+                        "the official values; numbers may lie outside the space (e.g. a known good "
+                        "configuration, or lr=10 to see how a diverging trial is reported); repeatable")
     g = p.add_argument_group("resources")
     g.add_argument("--workers-per-trial", type=int, metavar="N",
                    help=f"data-parallel Ray Train workers per trial (default {spec.workers_per_trial}; "
@@ -132,6 +136,8 @@ def resolve_settings(spec: SweepSpec, args: argparse.Namespace, stored: dict[str
             except json.JSONDecodeError:
                 stored_values[key] = stored[f"sweep.{key}"]
     explicit = {k: getattr(args, k) for k in SWEEP_SETTINGS if getattr(args, k, None) is not None}
+    if explicit.get("points") is not None:
+        explicit["points"] = [parse_point(p) for p in explicit["points"]]
     if explicit.get("data_dir"):
         explicit["data_dir"] = os.path.abspath(os.path.expanduser(explicit["data_dir"]))
     smoke = bool(explicit.get("smoke", stored_values.get("smoke", False)))
@@ -145,7 +151,7 @@ def resolve_settings(spec: SweepSpec, args: argparse.Namespace, stored: dict[str
                     "max_train_batches": None, "max_val_batches": None,
                     "data_dir": os.path.abspath(os.path.expanduser(
                         os.environ.get("VMRNN_DATA_DIR") or "data"))}
-    defaults.update({"dataset": spec.dataset, "smoke": smoke, "seed": 0,
+    defaults.update({"dataset": spec.dataset, "smoke": smoke, "seed": 0, "points": [],
                      "preset": spec.resolved_preset(smoke)})
     settings: dict[str, Any] = {}
     conflicts = []
@@ -173,7 +179,112 @@ def resolve_settings(spec: SweepSpec, args: argparse.Namespace, stored: dict[str
             raise SweepError(f"--{key.replace('_', '-')} must be >= {2 if key == 'reduction_factor' else 1}; "
                              f"got {settings[key]}")
     settings["grace_period"] = min(int(settings["grace_period"]), int(settings["epochs"]))
+    if settings.get("cpus_per_worker") is not None and not float(settings["cpus_per_worker"]) > 0:
+        raise SweepError(f"--cpus-per-worker must be > 0; got {settings['cpus_per_worker']}")
+    if settings.get("gpus_per_worker") is not None and not float(settings["gpus_per_worker"]) >= 0:
+        raise SweepError(f"--gpus-per-worker must be >= 0; got {settings['gpus_per_worker']}")
     return settings
+
+
+def parse_point(text: str) -> dict[str, Any]:
+    """'lr=1e-3,depth=4' -> {'lr': 0.001, 'depth': 4} (ints, floats, else strings)."""
+    point: dict[str, Any] = {}
+    for item in (x for x in str(text).split(",") if x.strip()):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip() or not raw.strip():
+            raise SweepError(f"--point expects KEY=VALUE[,KEY=VALUE...]; got {text!r}")
+        raw = raw.strip()
+        for cast in (int, float):
+            try:
+                value: Any = cast(raw)
+                break
+            except ValueError:
+                continue
+        else:
+            value = raw
+        point[key.strip()] = value
+    if not point:
+        raise SweepError(f"--point expects KEY=VALUE[,KEY=VALUE...]; got {text!r}")
+    return point
+
+
+def extra_points(points: list[dict[str, Any]], space: dict[str, Any], official: dict[str, Any],
+                 preset: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """--point configurations completed from the official point and checked; also the notes on values
+    outside the space (allowed for numbers; a categorical value must be one of its choices)."""
+    from ray.tune.search.sample import Categorical
+
+    from vmrnn.tune.spaces import contains, describe, split_params
+
+    out, notes = [], []
+    for given in points or []:
+        unknown = sorted(set(given) - set(space))
+        if unknown:
+            raise SweepError(f"--point: unknown key(s) {unknown}; the space has {sorted(space)}")
+        point = {**official, **given}
+        for key, value in given.items():
+            if contains(space[key], value):
+                continue
+            if isinstance(space[key], Categorical):
+                raise SweepError(f"--point: {key}={value!r} is not one of {describe(space[key])}")
+            notes.append(f"{key}={value!r} is outside {describe(space[key])}")
+        try:
+            from vmrnn.models.config import model_config
+
+            model_config(preset, **split_params(point)[1])
+        except ImportError:
+            pass
+        except (KeyError, ValueError) as exc:
+            raise SweepError(f"--point {given}: {exc}") from None
+        out.append(point)
+    return out, notes
+
+
+def check_data(dataset: str, data_dir: str) -> None:
+    """Read one training sample in the driver, as every trial will: unreadable, wrong-shape or missing
+    data is one clear error before Ray starts, not a failure of every trial."""
+    try:
+        from vmrnn.data import build_dataset
+        from vmrnn.data.errors import DataError
+    except ImportError:
+        return
+    try:
+        build_dataset(dataset, data_dir, "train")[0]
+    except DataError as exc:
+        raise SweepError(f"the {dataset} data in {data_dir} cannot be used: {exc}") from None
+
+
+def check_official_config(dataset: str, settings: dict[str, Any], official: dict[str, Any]) -> None:
+    """The official point as a training config, resolved as every trial's will be: a preset built for
+    other frames (e.g. --preset mmnist-tiny on taxibj) is refused here rather than failing each trial."""
+    try:
+        from vmrnn.models import ConfigError
+        from vmrnn.train.config import TrainConfig
+    except ImportError:
+        return
+    from vmrnn.tune.spaces import split_params
+
+    train, model = split_params(dict(official))
+    try:
+        TrainConfig.from_dict({**train, "dataset": dataset, "data_dir": settings["data_dir"],
+                               "preset": settings["preset"], "model": model, "tracking": False}).resolved()
+    except ConfigError as exc:
+        raise SweepError(f"the sweep cannot train {dataset} with preset {settings['preset']!r}: {exc}") from None
+
+
+def check_local_gpus(settings: dict[str, Any]) -> None:
+    """A local Ray gets this machine's GPUs and no more: refuse GPU trials it cannot place before
+    starting it (a joined cluster is checked by plan_resources, after connecting)."""
+    gpus = settings.get("gpus_per_worker")
+    if not gpus or float(gpus) <= 0:
+        return
+    import torch
+
+    need, have = float(gpus) * int(settings["workers_per_trial"]), torch.cuda.device_count()
+    if need > have:
+        raise SweepError(f"a trial needs {need:g} GPU(s) ({settings['workers_per_trial']} worker(s) x "
+                         f"{float(gpus):g}) but this machine has {have}; pass --gpus-per-worker 0 to train "
+                         "on CPUs")
 
 
 def _storage_path(arg: str | None) -> str:
@@ -359,7 +470,14 @@ def run_sweep(spec: SweepSpec, args: argparse.Namespace) -> SweepOutcome:
     elif not os.path.isdir(settings["data_dir"]):
         raise SweepError(f"data directory {settings['data_dir']} does not exist: pass --data-dir (the "
                          f"dataset root in its published layout), or --smoke for synthetic data")
+    check_data(spec.dataset, settings["data_dir"])
+    check_official_config(spec.dataset, settings, official)
+    points, point_notes = extra_points(settings.get("points") or [], space, official, settings["preset"])
     eval_data = data_kind(spec.dataset, settings["data_dir"])
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise SweepError(f"--max-concurrent must be >= 1; got {args.max_concurrent}")
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        check_local_gpus(settings)
 
     if args.address and args.address.startswith(("http://", "https://")):
         raise SweepError(f"--address {args.address} is a dashboard / job-server URL; give the cluster's GCS "
@@ -371,7 +489,8 @@ def run_sweep(spec: SweepSpec, args: argparse.Namespace) -> SweepOutcome:
             resources = local_ray.plan_resources(
                 cluster, workers_per_trial=int(settings["workers_per_trial"]),
                 gpus_per_worker=settings["gpus_per_worker"], cpus_per_worker=settings["cpus_per_worker"],
-                max_concurrent=args.max_concurrent, num_samples=int(settings["num_samples"]))
+                max_concurrent=args.max_concurrent, num_samples=int(settings["num_samples"]),
+                can_grow=cluster.mode != "local")
         except ValueError as exc:
             raise SweepError(str(exc)) from None
 
@@ -400,9 +519,23 @@ def run_sweep(spec: SweepSpec, args: argparse.Namespace) -> SweepOutcome:
         print(f"  Ray: {cluster.mode} ({cluster.cpus:g} CPU, {cluster.gpus:g} GPU)"
               f"{', dashboard ' + cluster.dashboard_url if cluster.dashboard_url else ''}; "
               f"per trial: {resources.describe()}", flush=True)
+        if resources.note:
+            print(f"  note: {resources.note}", flush=True)
+        elif args.max_concurrent is not None and cluster.mode != "local" and \
+                resources.max_concurrent > local_ray.plan_resources(
+                    cluster, workers_per_trial=resources.workers, gpus_per_worker=settings["gpus_per_worker"],
+                    cpus_per_worker=settings["cpus_per_worker"], max_concurrent=None,
+                    num_samples=int(settings["num_samples"])).max_concurrent:
+            print(f"  note: --max-concurrent {args.max_concurrent} is more than the cluster fits now: the "
+                  "extra trials wait for the autoscaler to add nodes (on a cluster that cannot grow they "
+                  "wait until the worker-group start timeout; lower --max-concurrent there)", flush=True)
         print(f"  MLflow: {tracking_uri} experiment {experiment!r}, parent run {parent_id}"
               f"{' (resumed)' if not created else ''}", flush=True)
         print(f"  Tune state: {exp_path}{' (resuming)' if can_restore else ''}", flush=True)
+        for point in points:
+            given = {k: v for k, v in point.items() if official.get(k) != v}
+            print(f"  extra point: {given or 'the official configuration again'}"
+                  f"{' (' + '; '.join(point_notes) + ')' if point_notes else ''}", flush=True)
 
         base = {"dataset": spec.dataset, "data_dir": settings["data_dir"], "preset": settings["preset"],
                 "epochs": int(settings["epochs"]), "seed": int(settings["seed"]),
@@ -439,7 +572,7 @@ def run_sweep(spec: SweepSpec, args: argparse.Namespace) -> SweepOutcome:
 
             from vmrnn.tune.scheduler import EpochASHA
 
-            searcher = OptunaSearch(metric=D.METRIC, mode=D.MODE, points_to_evaluate=[dict(official)],
+            searcher = OptunaSearch(metric=D.METRIC, mode=D.MODE, points_to_evaluate=[dict(official), *points],
                                     seed=int(settings["seed"]))
             scheduler = EpochASHA(epochs=epochs, grace_period=int(settings["grace_period"]),
                                   reduction_factor=int(settings["reduction_factor"]))

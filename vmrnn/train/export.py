@@ -171,11 +171,14 @@ def load_forecaster(uri_or_path: str | os.PathLike, *, device: str | torch.devic
     import mlflow
 
     from vmrnn.train.config import default_tracking_uri
+    from vmrnn.train.tracking import pinned_tracking_uri
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # Resolve the store here, not from mlflow's process-global URI, which an earlier run may have set.
+    # Resolve the store here, not from mlflow's process-global URIs, which an earlier run may have set;
+    # models:/ URIs are resolved through the registry URI, so both are pinned.
     tracking_uri = tracking_uri or default_tracking_uri()
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=s, tracking_uri=tracking_uri))
+    with pinned_tracking_uri(tracking_uri):
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=s, tracking_uri=tracking_uri))
     return _from_mlflow_dir(local, device, s)
 
 

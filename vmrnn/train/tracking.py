@@ -16,6 +16,7 @@ MLFLOW_HTTP_REQUEST_TIMEOUT=10 unless already set) so that a dead server costs s
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from vmrnn.train.config import TrainConfig, flatten
 
@@ -91,20 +92,26 @@ def configure_client_env(uri: str) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, naming the URI, when a tracking server does not answer /health."""
+def check_reachable(uri: str, timeout: float = 5.0,
+                    hint: str = " (or disable tracking: --set tracking=false)") -> None:
+    """Fail fast, naming the URI, when a tracking server does not answer /health; `hint` ends the
+    message (a sweep cannot run without tracking, training can)."""
     if is_remote(uri):
-        url = uri.rstrip("/") + "/health"
+        # urllib does not take user:password@ in the host: send them as basic auth, as MLflow's client does
+        parts = urlsplit(uri)
+        request = urllib.request.Request(strip_credentials(uri).rstrip("/") + "/health")
+        if parts.username or parts.password:
+            token = base64.b64encode(f"{unquote(parts.username or '')}:{unquote(parts.password or '')}".encode())
+            request.add_header("Authorization", "Basic " + token.decode())
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (http(s) only)
+            with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 (http(s) only)
                 if resp.status >= 500:
                     raise OSError(f"HTTP {resp.status}")
         except (OSError, urllib.error.URLError) as exc:
             reason = getattr(exc, "reason", exc)
             raise TrackingUnavailable(
                 f"MLflow tracking server {strip_credentials(uri)} is unreachable ({reason}); start it, or point "
-                "--tracking-uri / MLFLOW_TRACKING_URI at a running server (or disable tracking: "
-                "--set tracking=false)") from None
+                f"--tracking-uri / MLFLOW_TRACKING_URI at a running server{hint}") from None
     elif uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
         if not db.parent.is_dir():
@@ -123,18 +130,21 @@ _OTHER_SCHEMES = ("file", "databricks", "databricks-uc", "uc")
 
 @contextlib.contextmanager
 def pinned_tracking_uri(uri: str):
-    """MLflow's fluent API (log_model needs it) pointed at `uri` for a while; the process's own setting
-    (the global and $MLFLOW_TRACKING_URI) is restored exactly afterwards."""
+    """MLflow's fluent API (log_model, register_model, models:/ downloads) pointed at `uri` for tracking
+    and the registry for a while; the process's own settings (the globals and $MLFLOW_TRACKING_URI) are
+    restored exactly afterwards, not replaced by what they resolved to."""
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    old_global = tracking_utils._tracking_uri
+    old_tracking, old_registry = tracking_utils._tracking_uri, registry_utils._registry_uri
     old_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
-        tracking_utils._tracking_uri = old_global
+        tracking_utils._tracking_uri, registry_utils._registry_uri = old_tracking, old_registry
         if old_env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:

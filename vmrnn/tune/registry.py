@@ -13,11 +13,11 @@ Rules:
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from vmrnn.tune import defaults as D
+from vmrnn.tune.values import finite_float
 
 METRIC_TAGS = ("val_mse", "val_mae", "val_ssim", "val_psnr")
 
@@ -38,26 +38,18 @@ class Registration:
                 f"load it as models:/{self.name}@{self.alias}")
 
 
-def _float(value: Any) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
 def _eval_rank(kind: str | None) -> int:
     return 0 if kind == "synthetic" else 1
 
 
 def _version_mse(client, mv) -> float | None:
-    mse = _float(mv.tags.get("val_mse"))
+    mse = finite_float(mv.tags.get("val_mse"))
     if mse is None and mv.run_id:
         try:
             metrics = client.get_run(mv.run_id).data.metrics
         except Exception:
             return None
-        mse = _float(metrics.get("best_val_mse", metrics.get("val_mse")))
+        mse = finite_float(metrics.get("best_val_mse", metrics.get("val_mse")))
     return mse
 
 
@@ -108,8 +100,8 @@ def register_best(tracking_uri: str, *, dataset: str, run_id: str, val_mse: floa
         if "ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
             raise
 
-    tags: dict[str, str] = {k: f"{_float(v):.8g}" for k, v in (metrics or {}).items()
-                            if k in METRIC_TAGS and _float(v) is not None}
+    tags: dict[str, str] = {k: f"{finite_float(v):.8g}" for k, v in (metrics or {}).items()
+                            if k in METRIC_TAGS and finite_float(v) is not None}
     tags.update({"val_mse": f"{val_mse:.8g}", D.TAG_SWEEP: sweep, D.TAG_TRIAL_ID: trial_id,
                  D.TAG_DATASET: dataset, D.TAG_EVAL_DATA: eval_data})
     if config:
@@ -120,14 +112,10 @@ def register_best(tracking_uri: str, *, dataset: str, run_id: str, val_mse: floa
     if existing:
         mv = max(existing, key=lambda v: int(v.version))
     else:
-        previous_tracking, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-        try:
+        from vmrnn.train.tracking import pinned_tracking_uri
+
+        with pinned_tracking_uri(tracking_uri):
             mv = mlflow.register_model(f"runs:/{run_id}/{artifact_path}", name, tags=tags)
-        finally:
-            mlflow.set_tracking_uri(previous_tracking)
-            mlflow.set_registry_uri(previous_registry)
     for key, value in tags.items():
         if mv.tags.get(key) != value:
             client.set_model_version_tag(name, mv.version, key, value)

@@ -85,6 +85,7 @@ SMOKE = {
     "workers_per_trial": 2,
     "gpus_per_worker": 0.0,
     "cpus_per_worker": 0.5,
+    "trial_cpus": 1.0,
     "max_train_batches": 4,
     "max_val_batches": 2,
     "grace_period": 1,

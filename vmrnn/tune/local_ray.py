@@ -44,6 +44,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, log_to_d
     else:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # Nothing preempts this machine's own Ray: skip Train's per-trial preemption-watcher actor.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].strip().lower() in ("0", "false"):
             # Ray read this variable when it was imported (before we could set it): tell this process
             # too, so that the node it starts takes 127.0.0.1 as its address, like its children will.
@@ -138,7 +140,7 @@ def plan_resources(cluster: ClusterInfo, *, workers_per_trial: int, gpus_per_wor
     if cluster.cpus < cpu_per_trial:
         raise ValueError(f"a trial needs {cpu_per_trial:g} CPU(s) ({driver_cpus:g} for its driver + "
                          f"{workers_per_trial} worker(s) x {cpus_per_worker:g}) but the cluster has "
-                         f"{cluster.cpus:g}; lower --workers-per-trial or --cpus-per-worker")
+                         f"{cluster.cpus:g}; lower --workers-per-trial, --cpus-per-worker or --trial-cpus")
     fits = math.floor(cluster.cpus / cpu_per_trial + 1e-9)
     if use_gpu:
         fits = min(fits, math.floor(cluster.gpus / (gpus_per_worker * workers_per_trial) + 1e-9))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from typing import Any
@@ -12,16 +11,9 @@ from ray.tune import Callback
 
 from vmrnn.tune import defaults as D
 from vmrnn.tune.scheduler import epochs_done
+from vmrnn.tune.values import finite_float
 
 log = logging.getLogger(__name__)
-
-
-def _num(value: Any) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 # The sweep the driver is running now. Tune pickles callbacks with the experiment, so a restored sweep
@@ -50,7 +42,7 @@ def trial_status(trial, epochs: int) -> str:
 
 def trial_best(trial) -> float | None:
     analysis = getattr(trial, "metric_analysis", None) or {}
-    return _num((analysis.get(D.METRIC) or {}).get("min"))
+    return finite_float((analysis.get(D.METRIC) or {}).get("min"))
 
 
 def _fmt(value: float | None, width: int = 10) -> str:
@@ -91,7 +83,7 @@ class ProgressTable(Callback):
             if best is not None and (best_all is None or best < best_all[0]):
                 best_all = (best, t.trial_id)
             rows.append(f"  {t.trial_id:<10} {status:<9} {(f'{int(epoch)}/{self.epochs}' if epoch else '-'):>7} "
-                        f"{_fmt(_num(last.get(D.METRIC)))} {_fmt(best)}")
+                        f"{_fmt(finite_float(last.get(D.METRIC)))} {_fmt(best)}")
         head = (f"[sweep {time.strftime('%H:%M:%S')}] {len(trials)}/{self.num_samples} trials: "
                 + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())))
         lines = [head, f"  {'trial':<10} {'status':<9} {'epoch':>7} {'val_mse':>10} {'best':>10}", *rows]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import textwrap
@@ -32,8 +31,12 @@ class SweepError(Exception):
 # sweep takes omitted flags from there and refuses flags that contradict them (Tune cannot change a
 # running sweep's shape).
 SWEEP_SETTINGS = ("dataset", "smoke", "preset", "data_dir", "epochs", "num_samples", "workers_per_trial",
-                  "gpus_per_worker", "cpus_per_worker", "grace_period", "reduction_factor", "seed",
-                  "max_train_batches", "max_val_batches", "points")
+                  "gpus_per_worker", "cpus_per_worker", "trial_cpus", "grace_period", "reduction_factor", "seed",
+                  "max_train_batches", "max_val_batches", "points", "overrides")
+
+# Training options the sweep itself sets for every trial: `--set` may not change them.
+SWEEP_OWNED = ("dataset", "data_dir", "preset", "epochs", "seed", "tracking", "tracking_uri", "experiment",
+               "parent_run_id", "run_key", "run_name", "device")
 
 
 def build_parser(spec: SweepSpec, prog: str | None = None) -> argparse.ArgumentParser:
@@ -74,6 +77,11 @@ def build_parser(spec: SweepSpec, prog: str | None = None) -> argparse.ArgumentP
     g.add_argument("--preset", help="model preset the space's overrides apply to "
                                     f"(default: {spec.resolved_preset(False)}; smoke: "
                                     f"{spec.resolved_preset(True)})")
+    g.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                   help="a training option for every trial, as in `vmrnn train --set` (e.g. grad_clip=1.0, "
+                        "execution=manual, model.drop_path=0.1, tags.team=x); not the searched keys or what "
+                        "the sweep sets itself (dataset, epochs, seed, tracking, ...); log_model=false "
+                        "needs --no-register; repeatable")
     g = p.add_argument_group("search")
     g.add_argument("--num-samples", type=int, metavar="N", help="number of trials")
     g.add_argument("--epochs", type=int, metavar="N", help="epochs per trial (ASHA's max_t)")
@@ -93,10 +101,14 @@ def build_parser(spec: SweepSpec, prog: str | None = None) -> argparse.ArgumentP
     g.add_argument("--gpus-per-worker", type=float, metavar="G",
                    help="GPUs per worker (default: 1 if the cluster has GPUs, else 0 = CPU training)")
     g.add_argument("--cpus-per-worker", type=float, metavar="C",
-                   help="CPUs per worker (default: 1 with GPUs, 0.5 on CPU); each trial's driver adds 1")
+                   help="CPUs per worker (default: 1 with GPUs, 0.5 on CPU); each trial's driver adds "
+                        "--trial-cpus")
+    g.add_argument("--trial-cpus", type=float, metavar="C",
+                   help="CPUs reserved for each trial's own actor, which runs the TorchTrainer's controller "
+                        "and mostly waits (default 1); lower it to run more trials at once on few CPUs")
     g.add_argument("--max-concurrent", type=int, metavar="N",
                    help="trials at once (default: what the cluster fits: GPUs / (gpus-per-worker x "
-                        "workers-per-trial), on CPU CPUs / (1 + cpus-per-worker x workers-per-trial))")
+                        "workers-per-trial), on CPU CPUs / (trial-cpus + cpus-per-worker x workers-per-trial))")
     g.add_argument("--address", metavar="ADDR",
                    help="Ray cluster to join (default: $RAY_ADDRESS, set by `ray job submit`; without one a "
                         "local Ray is started; 'auto' joins a `ray start` cluster on this machine)")
@@ -147,11 +159,11 @@ def resolve_settings(spec: SweepSpec, args: argparse.Namespace, stored: dict[str
     else:
         defaults = {"num_samples": spec.num_samples, "epochs": spec.epochs,
                     "workers_per_trial": spec.workers_per_trial, "gpus_per_worker": None,
-                    "cpus_per_worker": None, "reduction_factor": spec.reduction_factor,
+                    "cpus_per_worker": None, "trial_cpus": 1.0, "reduction_factor": spec.reduction_factor,
                     "max_train_batches": None, "max_val_batches": None,
                     "data_dir": os.path.abspath(os.path.expanduser(
                         os.environ.get("VMRNN_DATA_DIR") or "data"))}
-    defaults.update({"dataset": spec.dataset, "smoke": smoke, "seed": 0, "points": [],
+    defaults.update({"dataset": spec.dataset, "smoke": smoke, "seed": 0, "points": [], "overrides": [],
                      "preset": spec.resolved_preset(smoke)})
     settings: dict[str, Any] = {}
     conflicts = []
@@ -181,6 +193,10 @@ def resolve_settings(spec: SweepSpec, args: argparse.Namespace, stored: dict[str
     settings["grace_period"] = min(int(settings["grace_period"]), int(settings["epochs"]))
     if settings.get("cpus_per_worker") is not None and not float(settings["cpus_per_worker"]) > 0:
         raise SweepError(f"--cpus-per-worker must be > 0; got {settings['cpus_per_worker']}")
+    if settings.get("trial_cpus") is None:  # a sweep started before the flag existed
+        settings["trial_cpus"] = 1.0
+    if not float(settings["trial_cpus"]) > 0:
+        raise SweepError(f"--trial-cpus must be > 0; got {settings['trial_cpus']}")
     if settings.get("gpus_per_worker") is not None and not float(settings["gpus_per_worker"]) >= 0:
         raise SweepError(f"--gpus-per-worker must be >= 0; got {settings['gpus_per_worker']}")
     return settings
@@ -252,6 +268,36 @@ def check_data(dataset: str, data_dir: str) -> None:
         build_dataset(dataset, data_dir, "train")[0]
     except DataError as exc:
         raise SweepError(f"the {dataset} data in {data_dir} cannot be used: {exc}") from None
+
+
+def sweep_overrides(settings: dict[str, Any], space: dict[str, Any], official: dict[str, Any],
+                    register: bool) -> dict[str, Any]:
+    """`--set` options as a partial training config (checked here, before Ray starts)."""
+    items = list(settings.get("overrides") or [])
+    if not items:
+        return {}
+    from vmrnn.train.config import TrainConfig, TrainConfigError, apply_overrides
+    from vmrnn.tune.spaces import split_params
+
+    try:
+        given = apply_overrides({}, items)
+    except TrainConfigError as exc:
+        raise SweepError(str(exc)) from None
+    train, model = split_params({k: v for k, v in official.items() if k in space})
+    owned = [k for k in given if k in SWEEP_OWNED or k in train]
+    owned += [f"model.{k}" for k in (given.get("model") or {}) if k in model]
+    if owned:
+        raise SweepError(f"--set {', '.join(owned)}: the sweep sets these itself (searched keys, or "
+                         f"{', '.join(SWEEP_OWNED)}); use the sweep's own flags")
+    if given.get("log_model") is False and register:
+        raise SweepError("--set log_model=false leaves the best trial without a model to register: add "
+                         "--no-register, or drop it")
+    try:
+        TrainConfig.from_dict({**given, "dataset": settings["dataset"], "data_dir": settings["data_dir"],
+                               "preset": settings["preset"], "tracking": False})
+    except ValueError as exc:
+        raise SweepError(f"--set: {exc}") from None
+    return given
 
 
 def check_official_config(dataset: str, settings: dict[str, Any], official: dict[str, Any]) -> None:
@@ -354,7 +400,8 @@ def _trial_id_from_path(path: str) -> str:
 
 def rows_from_results(grid, epochs: int, tracker, sweep: str) -> list:
     from vmrnn.tune.scheduler import epochs_done
-    from vmrnn.tune.tracking import TrialRow, _num
+    from vmrnn.tune.tracking import TrialRow
+    from vmrnn.tune.values import finite_float
 
     rows = []
     for result in grid:
@@ -367,13 +414,13 @@ def rows_from_results(grid, epochs: int, tracker, sweep: str) -> list:
         if df is not None and len(df) and D.METRIC in df.columns:
             ep_col = D.TIME_ATTR if D.TIME_ATTR in df.columns else "training_iteration"
             for ep, val in zip(df[ep_col].tolist(), df[D.METRIC].tolist()):
-                if _num(val) is not None and _num(ep) is not None:
+                if finite_float(val) is not None and finite_float(ep) is not None:
                     history.append((int(ep), float(val)))
             finite = df[df[D.METRIC].notna()]
             if len(finite):
                 best_row = finite.loc[finite[D.METRIC].idxmin()]
                 best_epoch_metrics = {k: float(best_row[k]) for k in D.REPORTED_METRICS
-                                      if k in best_row and _num(best_row[k]) is not None}
+                                      if k in best_row and finite_float(best_row[k]) is not None}
                 best_epoch_metrics[D.TIME_ATTR] = float(best_row.get(D.TIME_ATTR, 0) or 0)
         done = epochs_done(metrics)
         if result.error is not None:
@@ -441,7 +488,7 @@ def run_sweep(spec: SweepSpec, args: argparse.Namespace) -> SweepOutcome:
         from vmrnn.train.tracking import TrackingUnavailable, check_reachable, configure_client_env
 
         configure_client_env(tracking_uri)
-        check_reachable(tracking_uri)
+        check_reachable(tracking_uri, hint="")
     except ImportError:
         pass
     except TrackingUnavailable as exc:
@@ -473,6 +520,7 @@ def run_sweep(spec: SweepSpec, args: argparse.Namespace) -> SweepOutcome:
     check_data(spec.dataset, settings["data_dir"])
     check_official_config(spec.dataset, settings, official)
     points, point_notes = extra_points(settings.get("points") or [], space, official, settings["preset"])
+    overrides = sweep_overrides(settings, space, official, register=not args.no_register)
     eval_data = data_kind(spec.dataset, settings["data_dir"])
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise SweepError(f"--max-concurrent must be >= 1; got {args.max_concurrent}")
@@ -490,7 +538,7 @@ def run_sweep(spec: SweepSpec, args: argparse.Namespace) -> SweepOutcome:
                 cluster, workers_per_trial=int(settings["workers_per_trial"]),
                 gpus_per_worker=settings["gpus_per_worker"], cpus_per_worker=settings["cpus_per_worker"],
                 max_concurrent=args.max_concurrent, num_samples=int(settings["num_samples"]),
-                can_grow=cluster.mode != "local")
+                driver_cpus=float(settings["trial_cpus"]), can_grow=cluster.mode != "local")
         except ValueError as exc:
             raise SweepError(str(exc)) from None
 
@@ -525,7 +573,8 @@ def run_sweep(spec: SweepSpec, args: argparse.Namespace) -> SweepOutcome:
                 resources.max_concurrent > local_ray.plan_resources(
                     cluster, workers_per_trial=resources.workers, gpus_per_worker=settings["gpus_per_worker"],
                     cpus_per_worker=settings["cpus_per_worker"], max_concurrent=None,
-                    num_samples=int(settings["num_samples"])).max_concurrent:
+                    num_samples=int(settings["num_samples"]),
+                    driver_cpus=float(settings["trial_cpus"])).max_concurrent:
             print(f"  note: --max-concurrent {args.max_concurrent} is more than the cluster fits now: the "
                   "extra trials wait for the autoscaler to add nodes (on a cluster that cannot grow they "
                   "wait until the worker-group start timeout; lower --max-concurrent there)", flush=True)
@@ -537,17 +586,18 @@ def run_sweep(spec: SweepSpec, args: argparse.Namespace) -> SweepOutcome:
             print(f"  extra point: {given or 'the official configuration again'}"
                   f"{' (' + '; '.join(point_notes) + ')' if point_notes else ''}", flush=True)
 
-        base = {"dataset": spec.dataset, "data_dir": settings["data_dir"], "preset": settings["preset"],
+        base = {**overrides, "dataset": spec.dataset, "data_dir": settings["data_dir"], "preset": settings["preset"],
                 "epochs": int(settings["epochs"]), "seed": int(settings["seed"]),
                 "tracking_uri": tracking_uri, "experiment": experiment, "parent_run_id": parent_id,
                 "device": "auto" if resources.use_gpu else "cpu"}
+        # Smoke limits, unless --set gave them.
         if settings.get("max_train_batches"):
-            base["max_train_batches"] = int(settings["max_train_batches"])
+            base.setdefault("max_train_batches", int(settings["max_train_batches"]))
         if settings.get("max_val_batches"):
-            base["max_val_batches"] = int(settings["max_val_batches"])
-            base["max_test_batches"] = int(settings["max_val_batches"])
+            base.setdefault("max_val_batches", int(settings["max_val_batches"]))
+            base.setdefault("max_test_batches", int(settings["max_val_batches"]))
         if smoke:
-            base["n_vis_samples"] = 2
+            base.setdefault("n_vis_samples", 2)
         setup = TrialSetup(sweep=name, base=base, num_workers=resources.workers, use_gpu=resources.use_gpu,
                            resources_per_worker=resources.per_worker,
                            train_storage_path=_join(exp_path, "train_runs"),
@@ -651,10 +701,10 @@ def finish(spec: SweepSpec, name: str, settings: dict[str, Any], grid, tracker, 
         note = "sweep interrupted: nothing registered yet; re-run the same command to resume"
     elif best is None:
         note = "no trial produced a result: nothing to register"
-    elif not candidates:
-        note = "no trial logged a model (see the trial runs' vmrnn.failure_reason): nothing to register"
     elif args.no_register:
         note = "registration skipped (--no-register)"
+    elif not candidates:
+        note = "no trial logged a model (see the trial runs' vmrnn.failure_reason): nothing to register"
     else:
         errors = []
         for cand in candidates:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 import warnings
@@ -16,6 +15,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from vmrnn.tune import defaults as D
+from vmrnn.tune.values import finite_float
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +51,11 @@ class TrialRow:
                                "epochs_done": self.epochs_done,
                                "best_val_mse": self.best_val_mse, "best_epoch": self.best_epoch}
         for key in D.REPORTED_METRICS:
-            rec[f"last_{key}"] = _num(self.last.get(key))
+            rec[f"last_{key}"] = finite_float(self.last.get(key))
         for key, value in sorted(self.params.items()):
             rec[f"param.{key}"] = value
         rec["error"] = self.error
         return rec
-
-
-def _num(value: Any) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 class Tracker:
@@ -279,13 +271,13 @@ def study_from_rows(rows: list[TrialRow], space: dict[str, Any]):
         params = {k: row.params[k] for k in distributions if k in row.params}
         if len(params) != len(distributions):
             continue
-        last = _num(row.last.get(D.METRIC))
+        last = finite_float(row.last.get(D.METRIC))
         state = optuna.trial.TrialState.COMPLETE if last is not None else optuna.trial.TrialState.FAIL
         try:
             study.add_trial(optuna.trial.create_trial(
                 state=state, value=last if state == optuna.trial.TrialState.COMPLETE else None,
                 params=params, distributions={k: distributions[k] for k in params},
-                intermediate_values={int(e): float(v) for e, v in row.history if _num(v) is not None},
+                intermediate_values={int(e): float(v) for e, v in row.history if finite_float(v) is not None},
                 user_attrs={"trial_id": row.trial_id, "status": row.status}))
         except ValueError as exc:  # a value outside its distribution: leave the trial out of the plots
             log.warning("trial %s left out of the Optuna plots: %s", row.trial_id, exc)

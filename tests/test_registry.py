@@ -40,17 +40,18 @@ def _logged_run(uri: str, seed: int, val_mse: float) -> str:
 
     from vmrnn.models import build_model
     from vmrnn.train.export import log_forecaster_to_mlflow, model_meta
+    from vmrnn.train.tracking import pinned_tracking_uri
 
     torch.manual_seed(seed)
     model = build_model("taxibj-tiny")
     meta = model_meta(model.config.to_dict(), {"name": "taxibj", "in_frames": 4, "out_frames": 4,
                                                "channels": 2, "height": 32, "width": 32}, {"seed": seed})
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("registry-test")
-    with mlflow.start_run() as run:
-        mlflow.log_metric("val_mse", val_mse)
-        log_forecaster_to_mlflow(model.state_dict(), meta, np.zeros((1, 4, 2, 32, 32), np.float32),
-                                 fmt="pickle", name=D.model_artifact_path())
+    with pinned_tracking_uri(uri):  # the fluent API, without leaving the URI set for later tests
+        mlflow.set_experiment("registry-test")
+        with mlflow.start_run() as run:
+            mlflow.log_metric("val_mse", val_mse)
+            log_forecaster_to_mlflow(model.state_dict(), meta, np.zeros((1, 4, 2, 32, 32), np.float32),
+                                     fmt="pickle", name=D.model_artifact_path())
     return run.info.run_id
 
 

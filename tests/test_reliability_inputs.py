@@ -89,6 +89,7 @@ CASES: list[Case] = [
     sweep("taxibj", "--smoke", "--set", "lr=1", expect=r"--set lr: the sweep sets these itself"),
     sweep("taxibj", "--smoke", "--set", "log_model=false", expect=r"add --no-register"),
     sweep("taxibj", "--smoke", "--set", "grad_clip=x", expect=r"'grad_clip' must be a number"),
+    sweep("taxibj", "--smoke", "--set", "tags.api_token=abc", expect=r"secret-looking option would be logged"),
     sweep("taxibj", "--smoke", "--gpus-per-worker", "-1", expect=r"--gpus-per-worker must be",
           id="sweep-taxibj-negative-gpus"),
     sweep("taxibj", "--smoke", "--gpus-per-worker", "1",

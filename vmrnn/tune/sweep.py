@@ -277,8 +277,14 @@ def sweep_overrides(settings: dict[str, Any], space: dict[str, Any], official: d
     if not items:
         return {}
     from vmrnn.train.config import TrainConfig, TrainConfigError, apply_overrides
+    from vmrnn.train.tracking import SECRET_RE
     from vmrnn.tune.spaces import split_params
 
+    # The sweep's settings are logged as params of the parent run: no secret may be among them.
+    secret = [item.split("=", 1)[0] for item in items if SECRET_RE.search(item.split("=", 1)[0])]
+    if secret:
+        raise SweepError(f"--set {', '.join(secret)}: a secret-looking option would be logged with the sweep's "
+                         "settings; pass secrets through the environment instead")
     try:
         given = apply_overrides({}, items)
     except TrainConfigError as exc:

@@ -83,20 +83,12 @@ def kill_processes_mentioning(marker: str) -> list[int]:
     """SIGKILL leftover processes whose command line names `marker` (a temp dir unique to one test), i.e.
     processes this test started that left its process group (Ray workers)."""
     killed = []
-    me = os.getpid()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
+    for pid, _ in processes_mentioning(marker):
         try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd:
-            try:
-                os.kill(int(entry.name), signal.SIGKILL)
-                killed.append(int(entry.name))
-            except (ProcessLookupError, PermissionError):
-                pass
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except (ProcessLookupError, PermissionError):
+            pass
     return killed
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -164,3 +165,27 @@ def test_real_mlflow_server_with_an_outage_mid_run(data_root, tmp_path, monkeypa
         assert pickled(torch.from_numpy(x)[None]).shape == (1, 4, 2, 32, 32)
     finally:
         server.stop()
+
+
+def test_pinned_tracking_uri_restores_the_process_settings_exactly(tmp_path, monkeypatch):
+    """Registering and loading models:/ pin both URIs for the call; afterwards the globals are what they
+    were (unset stays unset), so a later run in the same process talks to its own store."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    from vmrnn.train.tracking import pinned_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
+    monkeypatch.setattr(registry_utils, "_registry_uri", None)
+    inner = f"sqlite:///{tmp_path / 'a.db'}"
+    with pinned_tracking_uri(inner):
+        assert mlflow.get_tracking_uri() == inner and mlflow.get_registry_uri() == inner
+    assert tracking_utils._tracking_uri is None and registry_utils._registry_uri is None
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    outer = f"sqlite:///{tmp_path / 'b.db'}"
+    mlflow.set_registry_uri(outer)
+    with pinned_tracking_uri(inner):
+        pass
+    assert registry_utils._registry_uri == outer

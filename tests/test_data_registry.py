@@ -122,7 +122,7 @@ def test_built_in_datasets_and_lookups():
 
 def test_register_refuses_conflicts_and_bad_specs():
     with pytest.raises(ValueError, match="already registered"):
-        register_dataset(dataclasses.replace(get_dataset("taxibj"), description="another"))
+        register_dataset(dataclasses.replace(get_dataset("taxibj"), recipe=Recipe(1, 1, 1e-3)))
     assert register_dataset(get_dataset("taxibj")) is get_dataset("taxibj")  # the same spec again: a no-op
     with pytest.raises(ValueError, match="folder 'taxibj' already holds 'taxibj'"):
         register_dataset(dataclasses.replace(DOTS, name="dots2", family="dots2", folder="taxibj"))

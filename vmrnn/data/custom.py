@@ -197,5 +197,4 @@ SPEC = register_dataset(DatasetSpec(
     synth=write_synthetic, recipe=Recipe(epochs=100, batch_size=16, lr=1e-4),
     preset="custom", smoke_preset="kth-tiny", fit_model=True,
     from_data=shape_from_data,  # frames and (C, H, W) come from meta.json and the .npy shapes
-    description="your own sequences: meta.json + train.npy / test.npy",
 ))

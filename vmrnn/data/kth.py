@@ -404,8 +404,7 @@ _COMMON = dict(
 )
 SPEC = register_dataset(DatasetSpec(
     name="kth", out_frames=SEQ_LEN["kth"] - IN_FRAMES, recipe=Recipe(epochs=100, batch_size=4, lr=1e-4),
-    bench_batch=4, description="KTH human actions, 10 -> 20 frames", **_COMMON))
+    bench_batch=4, **_COMMON))
 SPEC_40 = register_dataset(DatasetSpec(
     name="kth40", out_frames=SEQ_LEN["kth40"] - IN_FRAMES,
-    recipe=Recipe(epochs=100, batch_size=1, lr=1e-4, val_batch_size=1),
-    description="KTH human actions, 10 -> 40 frames", **_COMMON))
+    recipe=Recipe(epochs=100, batch_size=1, lr=1e-4, val_batch_size=1), **_COMMON))

@@ -26,15 +26,6 @@ PREPARED_DIRNAME = "prepared"
 SYNTH_HINT = "(or write a synthetic stand-in in the same layout: `vmrnn data synth --dataset {name} --out DIR`)"
 
 
-def family_of(name: str) -> str:
-    return get_dataset(name).family
-
-
-def prepared_key(name: str) -> str:
-    """Name of the prepared folder: kth and kth40 share one (the windows are chosen at load time)."""
-    return get_dataset(name).prepared_key
-
-
 @dataclass(frozen=True)
 class Location:
     """Result of resolving `data_dir` for one dataset."""

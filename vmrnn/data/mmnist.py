@@ -308,5 +308,4 @@ SPEC = register_dataset(DatasetSpec(
     preset="mmnist", smoke_preset="mmnist-tiny",
     in_frames=IN_FRAMES, out_frames=OUT_FRAMES, channels=1, height=IMAGE_SIZE, width=IMAGE_SIZE,
     bench_batch=16, bench_presets=("mmnist", "mmnist-openstl", "mmnist-tiny"),
-    description="Moving MNIST, two bouncing digits, 10 -> 10 frames",
 ))

@@ -28,7 +28,9 @@ _SHAPE_FIELDS = ("in_frames", "out_frames", "channels", "height", "width")
 
 @dataclass(frozen=True)
 class Recipe:
-    """The dataset's official single-GPU training settings: the defaults of the training options left unset."""
+    """Defaults of the training options left unset: the official single-GPU script's settings (VMRNN_SPEC 2.2).
+    The rest of the OpenSTL recipe (Adam, cosine with 5 warm-up epochs, MSE on all outputs) is the same for
+    every dataset: TrainConfig's defaults."""
 
     epochs: int
     batch_size: int
@@ -79,7 +81,6 @@ class DatasetSpec:
     fit_model: bool = False
     bench_batch: int | None = None                # official single-GPU batch that `vmrnn bench` times
     bench_presets: tuple[str, ...] = ()           # presets `vmrnn bench` times (default: preset, smoke_preset)
-    description: str = ""
 
     def __post_init__(self) -> None:
         for key in ("name", "family"):

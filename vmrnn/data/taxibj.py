@@ -214,5 +214,5 @@ SPEC = register_dataset(DatasetSpec(
     recipe=Recipe(epochs=200, batch_size=16, lr=4e-4),
     preset="taxibj", smoke_preset="taxibj-tiny",
     in_frames=IN_FRAMES, out_frames=OUT_FRAMES, channels=FRAME_SHAPE[0], height=FRAME_SHAPE[1], width=FRAME_SHAPE[2],
-    bench_batch=16, description="TaxiBJ traffic flow (in/out flow on a 32x32 grid of Beijing)",
+    bench_batch=16,
 ))

@@ -4,7 +4,8 @@ Every list of datasets (command-line choices, training recipes, benchmark shapes
 and comes from, synthetic stand-ins) is derived from `DATASETS`. Each reader module (``taxibj.py``,
 ``kth.py``, ...) defines its spec(s) and registers them when it is imported; ``vmrnn.data`` imports every
 built-in reader, so the registry is complete as soon as anything under ``vmrnn.data`` is imported. A
-dataset defined elsewhere (a plugin, a test) registers itself the same way::
+dataset defined elsewhere (your own module, a test) registers itself the same way, in every process that
+reads it (Ray workers import vmrnn.data, not your module, unless the trial imports it)::
 
     from vmrnn.data import DatasetSpec, Recipe, register_dataset
     register_dataset(DatasetSpec(name="mine", family="mine", folder="mine", source=MySource, build=build, ...))
@@ -42,11 +43,13 @@ class Recipe:
 class DatasetSpec:
     """Everything about one dataset.
 
-    Reading. ``source(location)`` opens the published files as a row store (see vmrnn.data.base) and raises
-    a DataError naming the file when they are missing or malformed; ``build(store, name, split, *, seed,
-    val_fraction, **options)`` cuts a split into a torch Dataset of (inputs, targets). Datasets of one
-    ``family`` share the reader, the ``folder`` under the data root and the prepared copy (kth and kth40
-    differ only in the window length their ``build`` cuts).
+    Reading. ``source(location)`` opens the published files and raises a DataError naming the file when
+    they are missing or malformed. It offers ``family``, ``parts``, ``part(part)`` (a row store, see
+    vmrnn.data.base), ``row_info(part)`` ((row shape, "uint8" | "float32")), ``describe(part)`` and
+    ``source_files()`` (checksummed by the prepared copy). ``build(store, name, split, *, seed, val_fraction,
+    **options)`` cuts a split of either store (source or prepared: they hold the same rows) into a torch
+    Dataset of (inputs, targets). Datasets of one ``family`` share the reader, the ``folder`` under the data
+    root and the prepared copy (kth and kth40 differ only in the window length their ``build`` cuts).
 
     Shape. Frames in/out and (channels, height, width) of a sample. A dataset whose shape is read from the
     data itself (``custom``: its meta.json) leaves them None and gives ``from_data(store)``, which returns the

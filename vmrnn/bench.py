@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from vmrnn.data import DATASETS
 from vmrnn.models import build_model
 from vmrnn.train.step import ExecutionConfig, make_forecast, make_train_step
 
@@ -36,15 +37,13 @@ class BenchShape:
     n_output: int
 
 
-# The official single-GPU batch sizes (VMRNN_SPEC.md 2.2) and frame counts.
+# Per preset: the official single-GPU batch size (VMRNN_SPEC.md 2.2) and frame counts of its dataset, for
+# every registered dataset that names one (DatasetSpec.bench_batch); the presets are the dataset's
+# bench_presets (default: its preset and its smoke preset).
 SHAPES: dict[str, BenchShape] = {
-    "taxibj": BenchShape("taxibj", 16, 4, 4),
-    "kth": BenchShape("kth", 4, 10, 20),
-    "mmnist": BenchShape("mmnist", 16, 10, 10),
-    "mmnist-openstl": BenchShape("mmnist-openstl", 16, 10, 10),
-    # small shapes for smoke runs
-    "taxibj-tiny": BenchShape("taxibj-tiny", 4, 4, 4),
-    "mmnist-tiny": BenchShape("mmnist-tiny", 2, 3, 3),
+    preset: BenchShape(preset, spec.bench_batch, spec.in_frames, spec.out_frames)
+    for spec in DATASETS.values() if spec.bench_batch is not None
+    for preset in (spec.bench_presets or (spec.preset, spec.smoke_preset))
 }
 
 

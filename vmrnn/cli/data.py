@@ -1,6 +1,6 @@
 """`vmrnn data`: write synthetic datasets, convert datasets to the prepared format, inspect them.
 
-    vmrnn data synth   --dataset taxibj|kth|mmnist|custom --out DIR [--seed N] [--size small|medium] [--overwrite]
+    vmrnn data synth   --dataset NAME --out DIR [--seed N] [--size small|medium] [--overwrite]
     vmrnn data prepare --dataset NAME --data-dir DIR [--out DIR] [--workers N]
     vmrnn data info    --dataset NAME --data-dir DIR [--prepared auto|never|require]
 """
@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-SYNTH_NAMES = ("taxibj", "kth", "mmnist", "custom")
-NAMES = ("taxibj", "kth", "kth40", "mmnist", "custom")
+from vmrnn.data import dataset_names, synth_names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     dsub.required = True
 
     s = dsub.add_parser("synth", help="write a seeded synthetic dataset in the published layout")
-    s.add_argument("--dataset", required=True, choices=SYNTH_NAMES)
+    s.add_argument("--dataset", required=True, choices=synth_names())
     s.add_argument("--out", required=True, help="data root to write into (creates OUT/<dataset folder>)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", default="small", choices=("small", "medium"))
@@ -29,14 +28,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=run_synth)
 
     r = dsub.add_parser("prepare", help="convert a dataset once into memory-mappable Arrow files")
-    r.add_argument("--dataset", required=True, choices=NAMES)
+    r.add_argument("--dataset", required=True, choices=dataset_names())
     r.add_argument("--data-dir", required=True, help="data root (or the dataset folder itself)")
     r.add_argument("--out", default=None, help="output folder (default DATA_DIR/prepared/<dataset>)")
     r.add_argument("--workers", type=int, default=None, help="KTH decoding processes (default: CPU count)")
     r.set_defaults(func=run_prepare)
 
     i = dsub.add_parser("info", help="show where a dataset is read from and its split sizes")
-    i.add_argument("--dataset", required=True, choices=NAMES)
+    i.add_argument("--dataset", required=True, choices=dataset_names())
     i.add_argument("--data-dir", required=True)
     i.add_argument("--prepared", default="auto", help="auto | never | require | a prepared folder")
     i.add_argument("--seed", type=int, default=0)

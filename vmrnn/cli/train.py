@@ -10,14 +10,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DATASET_CHOICES = ("taxibj", "kth", "kth40", "mmnist", "custom")
+from vmrnn.data import dataset_names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one model (Ray Train TorchTrainer, or --no-ray in this process)",
                        description="Train VMRNN on one dataset: the official recipe unless --set changes it. "
                                    "Starts a local loopback Ray unless RAY_ADDRESS / --ray-address names a cluster.")
-    p.add_argument("--dataset", required=True, choices=DATASET_CHOICES)
+    p.add_argument("--dataset", required=True, choices=dataset_names())
     p.add_argument("--data-dir", required=True, help="data root (e.g. holding taxibj/dataset.npz)")
     p.add_argument("--epochs", type=int, help="default: the dataset's recipe")
     p.add_argument("--workers", type=int, default=1, help="data-parallel workers (default 1)")
@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--checkpoint", help="training checkpoint folder (or a run's checkpoint root)")
     src.add_argument("--model", help="MLflow model URI (models:/NAME@ALIAS, runs:/RUN_ID/model) or folder")
     e.add_argument("--data-dir", required=True)
-    e.add_argument("--dataset", choices=DATASET_CHOICES, help="default: the one the model was trained on")
+    e.add_argument("--dataset", choices=dataset_names(), help="default: the one the model was trained on")
     e.add_argument("--split", default="test", choices=("train", "val", "test"))
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--metrics", choices=("standard", "paper"), default="standard",

@@ -1,7 +1,9 @@
-"""`build_dataset`: pick the prepared copy or the source files, then cut the requested split."""
+"""`build_dataset`: pick the prepared copy or the source files, then cut the requested split with the
+dataset's reader (from the registry); `dataset_spec`: a dataset's spec with the shape its data declares."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from pathlib import Path
@@ -9,26 +11,17 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from vmrnn.data import custom, kth, mmnist, taxibj
 from vmrnn.data.base import check_split
 from vmrnn.data.errors import DataError, DatasetNotFoundError
-from vmrnn.data.layout import Location, family_of, locate
+from vmrnn.data.layout import locate
 from vmrnn.data.prepare import MANIFEST, PreparedStore
+from vmrnn.data.registry import DatasetSpec, get_dataset
 
-SOURCES = {"taxibj": taxibj.TaxiBJSource, "kth": kth.KTHSource, "mmnist": mmnist.MovingMNISTSource,
-           "custom": custom.CustomSource}
-BUILDERS = {"taxibj": taxibj.build, "kth": kth.build, "mmnist": mmnist.build, "custom": custom.build}
 PREPARED_MODES = ("auto", "never", "require")
 
 
 class StalePreparedWarning(UserWarning):
     """A prepared copy exists but no longer matches the source; the source is read instead."""
-
-
-def open_source(family: str, loc: Location) -> Any:
-    if not loc.found:
-        raise loc.not_found()
-    return SOURCES[family](loc)
 
 
 def _mode(prepared: Any) -> tuple[str, Path | None]:
@@ -51,7 +44,7 @@ def open_store(name: str, data_dir: str | os.PathLike, prepared: Any = "auto") -
     always reads the source; "require" (or True) insists on the prepared copy; a path names the
     prepared folder explicitly (implies "require"). `data_dir` may itself be a prepared folder.
     """
-    family = family_of(name)
+    family = get_dataset(name).family
     mode, explicit = _mode(prepared)
     data_dir = Path(data_dir).expanduser()
     if mode != "never" and explicit is None and (data_dir / MANIFEST).is_file():
@@ -67,14 +60,14 @@ def open_store(name: str, data_dir: str | os.PathLike, prepared: Any = "auto") -
     if mode == "never" or (mode == "auto" and not has_prepared):
         if not loc.found and mode == "auto":
             raise DatasetNotFoundError(f"{loc.not_found()} (no prepared copy at {pdir} either)", loc.expected_hint())
-        return open_source(family, loc)
+        return loc.open_source()
     if not has_prepared:
         raise DatasetNotFoundError(f"no prepared copy of {name} at {pdir} ({MANIFEST} missing); run "
                                    f"`vmrnn data prepare --dataset {name} --data-dir {data_dir}`", pdir / MANIFEST)
     store = PreparedStore(pdir, family)
     if not loc.found:  # only the prepared copy is here (e.g. copied to a worker node): trust its own checks
         return store
-    src = open_source(family, loc)
+    src = loc.open_source()
     ok, reason = store.matches(src)
     if ok:
         return store
@@ -97,14 +90,25 @@ def build_dataset(name: str, data_dir: str | os.PathLike, split: str, *, seed: i
                   val_fraction: float | None = None, prepared: Any = "auto", **kw: Any) -> Dataset:
     """A torch Dataset of (inputs (T_in, C, H, W), targets (T_out, C, H, W)) float32 pairs in [0, 1].
 
-    name: taxibj | kth | kth40 | mmnist | custom. split: train | val | test (val is a documented hold-out
-    of the training data, never the test set; see docs/DATA.md). seed and val_fraction choose the hold-out
-    (val_fraction=0: no hold-out, train is the full official training set). Extra options:
+    name: a registered dataset (taxibj, kth, kth40, mmnist, custom, ...). split: train | val | test (val is a
+    documented hold-out of the training data, never the test set; see docs/DATA.md). seed and val_fraction
+    choose the hold-out (val_fraction=0: no hold-out, train is the full official training set). Extra options:
     kth/kth40 ``val_persons``; mmnist ``length`` (train samples per epoch, default 10,000),
     ``val_length`` (default 1,000) and ``epoch``.
     """
+    spec = get_dataset(name)
     check_split(split)
     seed = _check_seed(seed)
-    family = family_of(name)
     store = open_store(name, data_dir, prepared)
-    return BUILDERS[family](store, name, split, seed=seed, val_fraction=val_fraction, **kw)
+    return spec.build(store, name, split, seed=seed, val_fraction=val_fraction, **kw)
+
+
+def dataset_spec(name: str, data_dir: str | os.PathLike | None = None, *, prepared: Any = "auto") -> DatasetSpec:
+    """The registered spec of `name`; a dataset whose shape comes from its data (``custom``: meta.json and
+    the .npy shapes) gets it filled in from the data under `data_dir`."""
+    spec = get_dataset(name)
+    if spec.from_data is None:
+        return spec
+    if data_dir is None:
+        raise DataError(f"the {name} dataset's shape comes from its data: pass data_dir")
+    return dataclasses.replace(spec, **spec.from_data(open_store(name, Path(data_dir), prepared)))

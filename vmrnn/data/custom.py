@@ -8,6 +8,9 @@
   [0, 1] raise). Files are memory-mapped, never loaded whole.
 * validation: ``val.npy`` when present, otherwise a seeded random 10% (``val_fraction``) of the training
   sequences (the sequences are assumed independent).
+
+The frame counts, the frame shape and the model preset are read from the data (`shape_from_data`); the
+model is sized to the frames. The synthetic stand-in (`write_synthetic`) is bouncing Gaussian blobs.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 from vmrnn.data.base import NpyRows, SequenceDataset, check_fraction, npy_header, reject_unknown
 from vmrnn.data.errors import DataError, DataFormatError
 from vmrnn.data.layout import Location
+from vmrnn.data.registry import DatasetSpec, Recipe, register_dataset
 
 META_KEYS_REQUIRED = ("in_frames", "out_frames")
 META_KEYS_OPTIONAL = ("preset", "description", "name")
@@ -133,3 +137,64 @@ def build(store: Any, name: str, split: str, *, seed: int, val_fraction: float |
             raise DataError(f"custom {split} split is empty (val_fraction is 0 and there is no val.npy)")
     return SequenceDataset(rows, idx, meta["in_frames"], meta["out_frames"], name=name, split=split,
                            check_range=True, origin=store.describe(part))
+
+
+def shape_from_data(store: Any) -> dict[str, Any]:
+    """Frames and (C, H, W) from the store's meta.json and train rows; the preset from meta.json (default
+    ``"custom"``: VMRNN-B sized to the frames)."""
+    meta = store.meta
+    shape, _ = store.row_info("train")
+    _, c, h, w = shape
+    return {"in_frames": meta["in_frames"], "out_frames": meta["out_frames"], "channels": c, "height": h,
+            "width": w, "preset": meta.get("preset", "custom")}
+
+
+# ------------------------------------------------------------------------------------------- synthetic
+
+SYNTH_SIZES = {"small": (48, 16), "medium": (400, 80)}  # (train, test) sequences
+
+
+def bouncing_blobs(n: int, t: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, t, 1, size, size) uint8 sequences of two Gaussian blobs bouncing in a box."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    out = np.zeros((n, t, 1, size, size))
+    for i in range(n):
+        for _ in range(2):
+            p = rng.uniform(4, size - 4, 2)
+            v = rng.uniform(-2, 2, 2)
+            sigma = rng.uniform(2, 3.5)
+            for k in range(t):
+                blob = np.exp(-((yy - p[0]) ** 2 + (xx - p[1]) ** 2) / (2 * sigma ** 2))
+                out[i, k, 0] = np.maximum(out[i, k, 0], blob)
+                p = p + v
+                for a in range(2):
+                    if p[a] < 3 or p[a] > size - 4:
+                        v[a] = -v[a]
+                        p[a] = min(max(p[a], 3), size - 4)
+    return np.round(out * 255).astype(np.uint8)
+
+
+def write_synthetic(folder: Path, seed: int, size: str) -> None:
+    """The synthetic stand-in: (N, 8, 1, 32, 32) uint8 bouncing blobs, 4 -> 4."""
+    n_train, n_test = SYNTH_SIZES[size]
+    rng = np.random.default_rng([seed, 4])
+    np.save(folder / "train.npy", bouncing_blobs(n_train, 8, 32, rng))
+    np.save(folder / "test.npy", bouncing_blobs(n_test, 8, 32, rng))
+    meta = {"in_frames": 4, "out_frames": 4, "description": "synthetic bouncing blobs (vmrnn.data.synth)"}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+def looks_like(d: Path) -> bool:
+    return (d / "meta.json").exists()
+
+
+SPEC = register_dataset(DatasetSpec(
+    name="custom", family="custom", folder="custom", source=CustomSource, build=build, looks_like=looks_like,
+    origin=("a custom dataset is a folder with meta.json, train.npy and test.npy (see docs/DATA.md, "
+            "'Custom format'); expected at {expected}"),
+    synth=write_synthetic, recipe=Recipe(epochs=100, batch_size=16, lr=1e-4),
+    preset="custom", smoke_preset="kth-tiny", fit_model=True,
+    from_data=shape_from_data,  # frames and (C, H, W) come from meta.json and the .npy shapes
+))

@@ -10,12 +10,16 @@ list; a window of ``seq_len`` frames ending at frame i is accepted when its firs
 the same video directory and their frame numbers differ by exactly ``seq_len - 1``; after an accepted
 window the walk steps back ``seq_len`` frames (boxing, handclapping, handwaving, walking) or 3 frames
 (jogging, running); otherwise it steps back 1.
+
+kth and kth40 (10 -> 20 and 10 -> 40 frames) share this reader, the folder and the prepared copy. The
+synthetic stand-in (`write_synthetic`) draws a silhouette whose motion depends on the action.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -23,12 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from vmrnn.data.base import LazyMixin, WindowDataset, check_fraction, reject_unknown
 from vmrnn.data.errors import DataError, DataFormatError, NoWindowsError
-from vmrnn.data.layout import KTH_ACTIONS, Location
+from vmrnn.data.layout import Location
+from vmrnn.data.registry import DatasetSpec, Recipe, register_dataset
 
+KTH_ACTIONS = ("boxing", "handclapping", "handwaving", "jogging", "running", "walking")
 IN_FRAMES = 10
 SEQ_LEN = {"kth": 30, "kth40": 50}
 OUT_SIZE = (128, 128)                    # (width, height) after resizing
@@ -311,3 +317,94 @@ def build(store: Any, name: str, split: str, *, seed: int, val_fraction: float |
                              store.describe(part))
     return WindowDataset(store.part(part), starts, seq_len, IN_FRAMES, seq_len - IN_FRAMES, name=name,
                          split=split, origin=store.describe(part))
+
+
+# ------------------------------------------------------------------------------------------- synthetic
+
+# (persons, frames per video, recordings dY)
+SYNTH_SIZES = {"small": ((1, 2, 16, 17, 18), 50, (1,)), "medium": ((1, 2, 3, 4, 5, 16, 17, 18, 19), 80, (1, 2))}
+
+
+def kth_frame(action: str, t: int, rng_params: dict) -> Image.Image:
+    """One 160x120 RGB frame of the silhouette; deterministic in its arguments."""
+    bg = rng_params["bg"]
+    img = Image.new("L", SOURCE_SIZE, bg)
+    draw = ImageDraw.Draw(img)
+    # a soft horizontal floor line for texture
+    draw.rectangle([0, 96, *SOURCE_SIZE], fill=max(0, bg - 25))
+    shade, height = rng_params["shade"], rng_params["height"]
+    speed = {"walking": 1.2, "jogging": 2.2, "running": 3.4}.get(action, 0.0)
+    x0 = rng_params["x0"]
+    if speed:
+        span = SOURCE_SIZE[0] - 30
+        pos = (x0 + speed * t) % (2 * span)
+        cx = 15 + (pos if pos < span else 2 * span - pos)
+        bob = 2 * math.sin(t * speed * 0.8)
+    else:
+        cx, bob = 40 + x0 % 80, 0.0
+    top = 96 - height + bob
+    head = height * 0.18
+    draw.ellipse([cx - head / 2, top, cx + head / 2, top + head], fill=shade)
+    draw.rectangle([cx - height * 0.12, top + head, cx + height * 0.12, top + height * 0.62], fill=shade)
+    leg_phase = math.sin(t * max(speed, 0.3) * 0.9)
+    for side in (-1, 1):
+        fx = cx + side * (4 + 8 * leg_phase * (1 if speed else 0.1))
+        draw.line([cx, top + height * 0.62, fx, 96], fill=shade, width=5)
+    phase = 2 * math.pi * t / rng_params["period"]
+    sy = top + head + 6
+    if action == "boxing":
+        reach = 10 + 14 * (0.5 + 0.5 * math.sin(phase))
+        draw.line([cx, sy, cx + reach, sy + 2], fill=shade, width=4)
+        draw.line([cx, sy + 4, cx + 24 - reach, sy + 6], fill=shade, width=4)
+    elif action == "handclapping":
+        gap = 3 + 10 * (0.5 + 0.5 * math.sin(phase))
+        for side in (-1, 1):
+            draw.line([cx + side * 5, sy, cx + side * gap, sy + 14], fill=shade, width=4)
+    elif action == "handwaving":
+        ang = 0.9 * math.sin(phase)
+        for side in (-1, 1):
+            ex = cx + side * 18 * math.cos(ang)
+            ey = sy - 18 * math.sin(ang) * side
+            draw.line([cx, sy, ex, ey], fill=shade, width=4)
+    else:
+        for side in (-1, 1):
+            draw.line([cx, sy, cx - side * 6 * leg_phase, sy + 22], fill=shade, width=4)
+    return Image.merge("RGB", (img, img, img))
+
+
+def write_synthetic(folder: Path, seed: int, size: str) -> None:
+    """The synthetic stand-in: every action for a few training persons (incl. 16) and test persons."""
+    persons, n_frames, recordings = SYNTH_SIZES[size]
+    for ai, action in enumerate(KTH_ACTIONS):
+        for person in persons:
+            for d in recordings:
+                rng = np.random.default_rng([seed, 2, ai, person, d])
+                params = {"bg": int(rng.integers(150, 210)), "shade": int(rng.integers(20, 70)),
+                          "height": int(rng.integers(55, 75)), "x0": int(rng.integers(0, 120)),
+                          "period": float(rng.uniform(7, 11))}
+                vdir = folder / action / f"person{person:02d}_{action}_d{d}_uncomp"
+                vdir.mkdir(parents=True)
+                for t in range(n_frames):
+                    kth_frame(action, t, params).save(vdir / f"image_{t + 1:04d}.png", compress_level=1)
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+def looks_like(d: Path) -> bool:
+    return any((d / a).is_dir() for a in KTH_ACTIONS)
+
+
+_COMMON = dict(
+    family="kth", folder="kth", source=KTHSource, build=build, looks_like=looks_like,
+    origin=("KTH comes from the OpenSTL release asset kth_action.zip (the PredRNN image version; see OpenSTL "
+            "tools/prepare_data/download_kth.sh); unzip it so that {expected}/boxing/"
+            "person01_boxing_d1_uncomp/image_0001.png and the other actions exist"),
+    synth=write_synthetic, preset="kth", smoke_preset="kth-tiny", in_frames=IN_FRAMES, channels=1,
+    height=OUT_SIZE[1], width=OUT_SIZE[0],
+)
+SPEC = register_dataset(DatasetSpec(
+    name="kth", out_frames=SEQ_LEN["kth"] - IN_FRAMES, recipe=Recipe(epochs=100, batch_size=4, lr=1e-4),
+    bench_batch=4, **_COMMON))
+SPEC_40 = register_dataset(DatasetSpec(
+    name="kth40", out_frames=SEQ_LEN["kth40"] - IN_FRAMES,
+    recipe=Recipe(epochs=100, batch_size=1, lr=1e-4, val_batch_size=1), **_COMMON))

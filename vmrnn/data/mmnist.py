@@ -10,6 +10,8 @@ or >= 1 is clamped and that axis's direction flips; the pixel offset is int(36 *
 digit is pasted with an element-wise max onto the 64x64 canvas; pixels are divided by 255. The random
 numbers come from a numpy Generator seeded by (stream, seed, epoch, index), so a sample depends only on
 those: data-parallel workers and resumed runs see the same sequences.
+
+The synthetic stand-in (`write_synthetic`) replaces the MNIST digits by seven-segment glyphs.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from vmrnn.data.base import LazyMixin, NpyRows, SequenceDataset, check_fraction, npy_header, reject_unknown, u8_to_float
 from vmrnn.data.errors import DataError, DataFormatError
 from vmrnn.data.layout import Location
+from vmrnn.data.registry import DatasetSpec, Recipe, register_dataset
 
 IN_FRAMES, OUT_FRAMES = 10, 10
 N_FRAMES = IN_FRAMES + OUT_FRAMES
@@ -229,3 +233,79 @@ def build(store: Any, name: str, split: str, *, seed: int, val_fraction: float |
                             origin=store.describe("digits"))
     ds.set_epoch(epoch)
     return ds
+
+
+# ------------------------------------------------------------------------------------------- synthetic
+
+SYNTH_SIZES = {"small": (600, 32), "medium": (6000, 200)}  # (training digits, test sequences)
+
+# seven-segment layout: a top, b top-right, c bottom-right, d bottom, e bottom-left, f top-left, g middle
+_SEGMENTS = {0: "abcdef", 1: "bc", 2: "abged", 3: "abgcd", 4: "fgbc", 5: "afgcd", 6: "afgedc", 7: "abc",
+             8: "abcdefg", 9: "abcdfg"}
+
+
+def digit_glyph(digit: int, rng: np.random.Generator) -> np.ndarray:
+    """A 28x28 uint8 seven-segment glyph with random stroke width, size, position and slant."""
+    s = 4  # draw at 4x, then downsample (anti-aliasing)
+    img = Image.new("L", (28 * s, 28 * s), 0)
+    draw = ImageDraw.Draw(img)
+    w, h = rng.uniform(9, 14) * s, rng.uniform(16, 20) * s
+    x0 = (28 * s - w) / 2 + rng.uniform(-2, 2) * s
+    y0 = (28 * s - h) / 2 + rng.uniform(-1.5, 1.5) * s
+    width = int(rng.uniform(2.0, 3.6) * s)
+    slant = rng.uniform(-0.25, 0.25)
+    pts = {"tl": (x0, y0), "tr": (x0 + w, y0), "ml": (x0, y0 + h / 2), "mr": (x0 + w, y0 + h / 2),
+           "bl": (x0, y0 + h), "br": (x0 + w, y0 + h)}
+    pts = {k: (x + slant * (y0 + h / 2 - y), y) for k, (x, y) in pts.items()}
+    seg = {"a": ("tl", "tr"), "b": ("tr", "mr"), "c": ("mr", "br"), "d": ("bl", "br"), "e": ("ml", "bl"),
+           "f": ("tl", "ml"), "g": ("ml", "mr")}
+    for c in _SEGMENTS[digit]:
+        p, q = seg[c]
+        draw.line([pts[p], pts[q]], fill=255, width=width, joint="curve")
+        for k in (p, q):
+            draw.ellipse([pts[k][0] - width / 2, pts[k][1] - width / 2, pts[k][0] + width / 2, pts[k][1] + width / 2],
+                         fill=255)
+    return np.asarray(img.resize((28, 28), Image.Resampling.BOX), dtype=np.uint8)
+
+
+def digit_glyphs(n: int, rng: np.random.Generator) -> np.ndarray:
+    labels = rng.integers(0, 10, n)
+    return np.stack([digit_glyph(int(d), rng) for d in labels])
+
+
+def write_idx_images(path: Path, images: np.ndarray) -> None:
+    images = np.ascontiguousarray(images, dtype=np.uint8)
+    n, r, c = images.shape
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as f:
+        f.write(struct.pack(">IIII", IDX_MAGIC, n, r, c))
+        f.write(images.tobytes())
+
+
+def write_synthetic(folder: Path, seed: int, size: str) -> None:
+    """The synthetic stand-in: glyph "digits" in the idx3 format and test sequences by the official rule."""
+    n_digits, n_test = SYNTH_SIZES[size]
+    train = digit_glyphs(n_digits, np.random.default_rng([seed, 3, 0]))
+    write_idx_images(folder / TRAIN_FILE, train)
+    test_digits = digit_glyphs(max(100, n_test * 2), np.random.default_rng([seed, 3, 1]))
+    rng = np.random.default_rng([seed, 3, 2])
+    seqs = np.stack([generate(rng, test_digits, 0, len(test_digits)) for _ in range(n_test)], axis=1)
+    np.save(folder / TEST_FILE, seqs)  # (20, n, 64, 64) uint8
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+def looks_like(d: Path) -> bool:
+    return any((d / f).exists() for f in (TRAIN_FILE, TRAIN_FILE[:-3], TEST_FILE))
+
+
+SPEC = register_dataset(DatasetSpec(
+    name="mmnist", family="mmnist", folder="moving_mnist", source=MovingMNISTSource, build=build,
+    looks_like=looks_like,
+    origin=("Moving MNIST needs train-images-idx3-ubyte.gz (the MNIST training images) and mnist_test_seq.npy, "
+            "both linked from the Moving MNIST page http://www.cs.toronto.edu/~nitish/unsupervised_video/; "
+            "put them in {expected}"),
+    synth=write_synthetic, recipe=Recipe(epochs=2000, batch_size=16, lr=1e-4),
+    preset="mmnist", smoke_preset="mmnist-tiny",
+    in_frames=IN_FRAMES, out_frames=OUT_FRAMES, channels=1, height=IMAGE_SIZE, width=IMAGE_SIZE,
+    bench_batch=16, bench_presets=("mmnist", "mmnist-openstl", "mmnist-tiny"),
+))

@@ -1,7 +1,7 @@
 """The prepared format: each dataset converted once into memory-mappable Arrow IPC files.
 
 ``prepare_dataset(name, data_dir, out_dir=None)`` writes, by default to ``<data_dir>/prepared/<key>/``
-(key = taxibj | kth | mmnist | custom; kth and kth40 share ``kth``)::
+(key = the dataset's family: taxibj | kth | mmnist | custom; kth and kth40 share ``kth``)::
 
     manifest.json     format, format_version, dataset, source checksums, parts (file, rows, row_shape,
                       dtype, bytes) and dataset extras (KTH video list, custom meta.json)
@@ -35,7 +35,7 @@ import numpy as np
 from vmrnn.data import kth as kth_mod
 from vmrnn.data.arrowio import ArrowRows, ArrowRowWriter
 from vmrnn.data.errors import DataError, DataFormatError, DatasetNotFoundError
-from vmrnn.data.layout import family_of, locate
+from vmrnn.data.layout import locate
 
 FORMAT = "vmrnn-prepared"
 FORMAT_VERSION = 1
@@ -221,11 +221,9 @@ def prepare_dataset(name: str, data_dir: str | os.PathLike, out_dir: str | os.Pa
     Returns the prepared folder (default ``<data_dir>/prepared/<key>``). Raises DataError on bad input.
     KTH frames are decoded in `workers` processes (default: the CPU count; 0 or 1 = in this process).
     """
-    from vmrnn.data.build import open_source
-
-    family = family_of(name)
     loc = locate(name, data_dir)
-    src = open_source(family, loc)
+    family = loc.family
+    src = loc.open_source()
     out = Path(out_dir) if out_dir is not None else loc.prepared_dir
     out.mkdir(parents=True, exist_ok=True)
     log = log or (lambda msg: None)
@@ -239,7 +237,7 @@ def prepare_dataset(name: str, data_dir: str | os.PathLike, out_dir: str | os.Pa
     }
     if family == "kth":
         manifest["kth"] = {"resize": kth_mod.RESIZE, "size": list(kth_mod.OUT_SIZE), "parts": {}}
-    if family == "custom":
+    if getattr(src, "meta", None) is not None:  # datasets described by a meta.json (custom) keep it
         manifest["meta"] = src.meta
     content = hashlib.sha256()
     for part in src.parts:

@@ -3,10 +3,13 @@
 Each array is (N, 4, 2, 32, 32) (4 frames of 2-channel 32x32 in/out flow) with values in [-1, 1]; a
 sample is ``(v + 1) / 2`` computed in the stored dtype and cast to float32 (as OpenSTL does), inputs
 from X and targets from Y. Rows of the store are the concatenation (N, 8, 2, 32, 32) float32.
+
+The synthetic stand-in (`write_synthetic`) is a daily-periodic flow field with a drifting blob.
 """
 
 from __future__ import annotations
 
+import math
 import zipfile
 import zlib
 from pathlib import Path
@@ -17,6 +20,7 @@ import numpy as np
 from vmrnn.data.base import SequenceDataset, check_fraction, reject_unknown
 from vmrnn.data.errors import DataError, DataFormatError
 from vmrnn.data.layout import Location
+from vmrnn.data.registry import DatasetSpec, Recipe, register_dataset
 
 IN_FRAMES, OUT_FRAMES = 4, 4
 FRAME_SHAPE = (2, 32, 32)
@@ -145,3 +149,70 @@ def build(store: Any, name: str, split: str, *, seed: int, val_fraction: float |
             why = "val_fraction is 0" if split == "val" else f"only {n} training samples"
             raise DataError(f"taxibj {split} split is empty ({why}) in {store.describe(part)}")
     return SequenceDataset(rows, idx, IN_FRAMES, OUT_FRAMES, name=name, split=split, origin=store.describe(part))
+
+
+# ------------------------------------------------------------------------------------------- synthetic
+
+SYNTH_SAMPLES = {"small": (48, 16), "medium": (600, 120)}  # (train, test) samples
+
+
+def taxibj_series(n_steps: int, seed: int) -> np.ndarray:
+    """(n_steps, 2, 32, 32) flow in [0, 1] before the [-1, 1] mapping."""
+    rng = np.random.default_rng([seed, 1])
+    yy, xx = np.mgrid[0:32, 0:32].astype(np.float64)
+    t = np.arange(n_steps, dtype=np.float64)[:, None, None]
+    field = np.zeros((n_steps, 32, 32))
+    for _ in range(5):  # hotspots with a daily (48-step) cycle and a weekly modulation
+        cy, cx = rng.uniform(4, 28, 2)
+        w = rng.uniform(2.5, 6.0)
+        amp = rng.uniform(0.4, 1.0)
+        phase = rng.uniform(0, 2 * math.pi)
+        spot = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * w * w))
+        daily = 0.5 * (1 + np.sin(2 * math.pi * t / 48 + phase))
+        weekly = 1 + 0.2 * np.sin(2 * math.pi * t / (48 * 7))
+        field += amp * spot * daily * weekly
+    # a blob drifting across the city (advection the model has to extrapolate)
+    vy, vx = rng.uniform(-0.6, 0.6, 2)
+    cy, cx = (16 + vy * t) % 32, (16 + vx * t) % 32
+    dy = np.minimum(np.abs(yy - cy), 32 - np.abs(yy - cy))
+    dx = np.minimum(np.abs(xx - cx), 32 - np.abs(xx - cx))
+    field += 0.6 * np.exp(-(dy ** 2 + dx ** 2) / 18.0)
+    inflow = field
+    outflow = 0.8 * np.roll(field, 1, axis=0) + 0.2 * field  # outflow lags inflow by one step
+    out = np.stack([inflow, outflow], axis=1)
+    return out / out.max()
+
+
+def write_synthetic(folder: Path, seed: int, size: str) -> None:
+    """The synthetic stand-in: ``folder/dataset.npz`` of windows over `taxibj_series`."""
+    n_train, n_test = SYNTH_SAMPLES[size]
+    t_in = 4
+    series = taxibj_series(n_train + n_test + 2 * (2 * t_in - 1), seed) * 2 - 1  # [-1, 1]
+    series = series.astype(np.float32)
+
+    def windows(start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = start + np.arange(n)[:, None] + np.arange(2 * t_in)[None]
+        w = series[idx]
+        return w[:, :t_in], w[:, t_in:]
+
+    x_train, y_train = windows(0, n_train)
+    x_test, y_test = windows(n_train + 2 * t_in - 1, n_test)  # test steps never overlap train steps
+    np.savez_compressed(folder / "dataset.npz", X_train=x_train, Y_train=y_train, X_test=x_test, Y_test=y_test)
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+def looks_like(d: Path) -> bool:
+    return (d / "dataset.npz").exists()
+
+
+SPEC = register_dataset(DatasetSpec(
+    name="taxibj", family="taxibj", folder="taxibj", source=TaxiBJSource, build=build, looks_like=looks_like,
+    origin=("TaxiBJ comes from the OpenSTL release asset taxibj_dataset.zip (see OpenSTL "
+            "tools/prepare_data/download_taxibj.sh); unzip it so that {expected} exists"),
+    expected_file="dataset.npz", synth=write_synthetic,
+    recipe=Recipe(epochs=200, batch_size=16, lr=4e-4),
+    preset="taxibj", smoke_preset="taxibj-tiny",
+    in_frames=IN_FRAMES, out_frames=OUT_FRAMES, channels=FRAME_SHAPE[0], height=FRAME_SHAPE[1], width=FRAME_SHAPE[2],
+    bench_batch=16,
+))

@@ -2,7 +2,8 @@
 
 A config is built from a dict (`TrainConfig.from_dict`, CLI `--set key=value`, a Ray/Tune trial config),
 validated field by field (a `TrainConfigError` names the field), then *resolved*: fields left at None
-take the dataset's recipe (the official single-GPU script settings) and the dataset's model preset.
+take the dataset's recipe (the official single-GPU script settings) and the dataset's model preset, both
+from the dataset registry (vmrnn.data.registry).
 `to_dict()` of a resolved config is what goes into checkpoints and MLflow params.
 
 This module imports neither Ray nor MLflow.
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from vmrnn.data import DATASETS, dataset_names, dataset_spec
 from vmrnn.models import ConfigError
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -33,16 +35,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model_format": ("pt2", "pickle"),
 }
 
-# Per-dataset defaults for fields left at None: the official single-GPU scripts (VMRNN_SPEC 2.2), with
-# the OpenSTL recipe (Adam, cosine with 5 warm-up epochs, MSE on all outputs) everywhere.
-RECIPES: dict[str, dict[str, Any]] = {
-    "taxibj": {"epochs": 200, "batch_size": 16, "lr": 4e-4},
-    "kth": {"epochs": 100, "batch_size": 4, "lr": 1e-4},
-    "kth40": {"epochs": 100, "batch_size": 1, "val_batch_size": 1, "lr": 1e-4},
-    "mmnist": {"epochs": 2000, "batch_size": 16, "lr": 1e-4},
-    "custom": {"epochs": 100, "batch_size": 16, "lr": 1e-4},
-}
-
 
 class TrainConfigError(ConfigError):
     """A training option that is missing, of the wrong type or out of range; the message names it."""
@@ -55,10 +47,10 @@ class TrainConfig:
     data_dir: str = ""
     data_options: dict[str, Any] = field(default_factory=dict)  # extra kwargs for vmrnn.data.build_dataset
     # --- model ---
-    preset: str | None = None                       # default: vmrnn.data.DATASETS[dataset].preset
+    preset: str | None = None                       # default: the dataset's preset (vmrnn.data.DATASETS)
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. {"depth": 4}
     scan_backend: str = "auto"                      # reference SS2D: auto|torch|cuda; fused: auto|torch|triton
-    # --- optimisation (None: the dataset's recipe) ---
+    # --- optimisation (None: the dataset's recipe, DatasetSpec.recipe) ---
     epochs: int | None = None
     batch_size: int | None = None                   # per worker
     val_batch_size: int | None = None               # default: batch_size
@@ -138,9 +130,9 @@ class TrainConfig:
             return TrainConfigError(f"training option '{name}' {why}; got {getattr(self, name)!r}")
 
         if not self.dataset:
-            raise TrainConfigError("training option 'dataset' is required (taxibj, kth, kth40, mmnist or custom)")
-        if self.dataset not in RECIPES:
-            raise bad("dataset", f"must be one of {sorted(RECIPES)}")
+            raise TrainConfigError(f"training option 'dataset' is required (one of {', '.join(dataset_names())})")
+        if self.dataset not in DATASETS:
+            raise bad("dataset", f"must be one of {list(dataset_names())}")
         if not self.data_dir:
             raise TrainConfigError("training option 'data_dir' is required (the folder that holds the data)")
         for name, choices in CHOICES.items():
@@ -186,8 +178,6 @@ class TrainConfig:
         Paths become absolute (Ray workers and checkpoints may run elsewhere), and the MLflow URI is
         pinned (the default sqlite store is relative to the *current* folder).
         """
-        from vmrnn.data import dataset_spec  # the data layer is only needed once a run is set up
-
         from vmrnn.models import PRESETS, model_config
 
         c = dataclasses.replace(self, model=dict(self.model), tags=dict(self.tags),
@@ -195,11 +185,11 @@ class TrainConfig:
         c.validate()
         c.data_dir = str(Path(c.data_dir).expanduser().resolve())
         spec = dataset_spec(c.dataset, c.data_dir)
-        recipe = RECIPES[c.dataset]
+        recipe = spec.recipe
         if c.preset is None:
             c.preset = spec.preset
-        if c.dataset == "custom":
-            if c.preset not in PRESETS:  # "custom": VMRNN-B in the KTH configuration, sized to the frames
+        if spec.fit_model:
+            if c.preset not in PRESETS:  # e.g. "custom": VMRNN-B in the KTH configuration, sized to the frames
                 c.preset = "kth"
                 c.model.setdefault("patch_size", _custom_patch(spec.height, spec.width))
             c.model.setdefault("img_size", spec.height)
@@ -208,9 +198,9 @@ class TrainConfig:
             raise TrainConfigError(f"training option 'preset' must be one of {sorted(PRESETS)}; got {c.preset!r}")
         for name in ("epochs", "batch_size", "lr"):
             if getattr(c, name) is None:
-                setattr(c, name, recipe[name])
+                setattr(c, name, getattr(recipe, name))
         if c.val_batch_size is None:
-            c.val_batch_size = recipe.get("val_batch_size", c.batch_size)
+            c.val_batch_size = recipe.val_batch_size or c.batch_size
         if c.checkpoint_dir:
             c.checkpoint_dir = str(Path(c.checkpoint_dir).expanduser().resolve())
         if c.experiment is None:

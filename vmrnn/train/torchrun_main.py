@@ -17,10 +17,12 @@ import os
 import sys
 from collections.abc import Sequence
 
+from vmrnn.data import dataset_names
+
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m vmrnn.train.torchrun_main", description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", required=True, choices=("taxibj", "kth", "kth40", "mmnist", "custom"))
+    p.add_argument("--dataset", required=True, choices=dataset_names())
     p.add_argument("--data-dir", required=True)
     p.add_argument("--epochs", type=int)
     p.add_argument("--checkpoint-dir", help="epoch checkpoints (default ./vmrnn_runs/<dataset>-<run key>)")

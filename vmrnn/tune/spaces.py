@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ray.tune.search.sample import Categorical, Domain, Float, Integer, LogUniform, Quantized
+
+from vmrnn.data import get_dataset
+from vmrnn.models import get_preset
+from vmrnn.train.config import TrainConfig
 
 # Sampled keys that are model options (ModelConfig fields, after decoding `depths`).
 MODEL_KEYS = ("embed_dim", "depth", "d_state", "patch_size", "drop_path", "depths")
@@ -24,15 +29,19 @@ TRAIN_KEYS = ("lr", "warmup_epochs", "weight_decay", "optimizer", "batch_size")
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """Everything a dataset's entry script declares: search spaces, the official point, defaults."""
+    """Everything a dataset's entry script declares: search spaces, the official point, defaults.
+
+    The dataset must be registered (vmrnn.data); its registry entry gives the defaults: the model preset, the
+    smoke preset and the official point (its recipe's lr and batch size, the preset's model options).
+    """
 
     dataset: str
     space: dict[str, Domain]
-    official: dict[str, Any]  # the published configuration: enqueued as the first trial
     smoke_space: dict[str, Domain]
     smoke_official: dict[str, Any]
-    preset: str | None = None  # model preset; default: vmrnn.data.DATASETS[dataset].preset
-    smoke_preset: str | None = None  # default: f"{preset}-tiny"
+    official: dict[str, Any] | None = None  # enqueued as the first trial; default: `official_point`
+    preset: str | None = None  # model preset; default: the dataset's (DatasetSpec.preset)
+    smoke_preset: str | None = None  # default: the dataset's smoke preset (DatasetSpec.smoke_preset)
     epochs: int = 50
     num_samples: int = 32
     grace_period: int | None = None  # ASHA: epochs every trial gets; default max(1, epochs // 8)
@@ -41,22 +50,47 @@ class SweepSpec:
     description: str = ""
     notes: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        get_dataset(self.dataset)  # an unknown dataset fails here, naming the registered ones
+
     def resolved_preset(self, smoke: bool) -> str:
+        spec = get_dataset(self.dataset)
         if smoke:
-            return self.smoke_preset or f"{self.resolved_preset(False)}-tiny"
-        if self.preset:
-            return self.preset
-        try:
-            from vmrnn.data import DATASETS
-            return DATASETS[self.dataset].preset
-        except (ImportError, KeyError, AttributeError):
-            return self.dataset
+            return self.smoke_preset or spec.smoke_preset
+        return self.preset or spec.preset
 
     def space_for(self, smoke: bool) -> dict[str, Domain]:
         return self.smoke_space if smoke else self.space
 
     def official_for(self, smoke: bool) -> dict[str, Any]:
-        return self.smoke_official if smoke else self.official
+        if smoke:
+            return self.smoke_official
+        if self.official is not None:
+            return self.official
+        return official_point(self.dataset, self.space, self.resolved_preset(False))
+
+
+def official_point(dataset: str, keys: Iterable[str], preset: str | None = None) -> dict[str, Any]:
+    """The published configuration of `dataset` for the sampled `keys`: lr and batch_size from the dataset's
+    recipe, the other training keys at their TrainConfig defaults (the OpenSTL recipe: Adam, 5 warm-up epochs,
+    no weight decay), the model keys from `preset` (default: the dataset's)."""
+    spec = get_dataset(dataset)
+    model = get_preset(preset or spec.preset).config
+    defaults = TrainConfig()
+    out: dict[str, Any] = {}
+    for key in keys:
+        if key in ("lr", "batch_size"):
+            out[key] = getattr(spec.recipe, key)
+        elif key in TRAIN_KEYS:
+            out[key] = getattr(defaults, key)
+        elif key == "depths":
+            out[key] = f"{','.join(map(str, model.depths_down))}/{','.join(map(str, model.depths_up))}"
+        elif key in MODEL_KEYS:
+            out[key] = getattr(model, key)
+        else:
+            raise KeyError(f"search-space key {key!r} is neither a training option {TRAIN_KEYS} "
+                           f"nor a model option {MODEL_KEYS}")
+    return out
 
 
 def decode_depths(value: str) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -12,8 +12,9 @@ from torch.utils.data import Dataset
 from vmrnn.data import custom, kth, mmnist, taxibj
 from vmrnn.data.base import check_split
 from vmrnn.data.errors import DataError, DatasetNotFoundError
-from vmrnn.data.layout import Location, family_of, locate
+from vmrnn.data.layout import Location, family_of, locate, prepared_key
 from vmrnn.data.prepare import MANIFEST, PreparedStore
+from vmrnn.data.remote import local_data_dir
 
 SOURCES = {"taxibj": taxibj.TaxiBJSource, "kth": kth.KTHSource, "mmnist": mmnist.MovingMNISTSource,
            "custom": custom.CustomSource}
@@ -49,11 +50,12 @@ def open_store(name: str, data_dir: str | os.PathLike, prepared: Any = "auto") -
     prepared: "auto" (default) uses ``<data_dir>/prepared/<key>/`` when it exists and its manifest
     matches the source checksums (or the source is absent), else reads the source; "never" (or False)
     always reads the source; "require" (or True) insists on the prepared copy; a path names the
-    prepared folder explicitly (implies "require"). `data_dir` may itself be a prepared folder.
+    prepared folder explicitly (implies "require"). `data_dir` may itself be a prepared folder, or an
+    object-store URI (s3://, gs://) of prepared data, cached once per node (see vmrnn.data.remote).
     """
     family = family_of(name)
     mode, explicit = _mode(prepared)
-    data_dir = Path(data_dir).expanduser()
+    data_dir = local_data_dir(data_dir, prepared_key(name))  # s3:// etc.: a node-local copy of the prepared files
     if mode != "never" and explicit is None and (data_dir / MANIFEST).is_file():
         return PreparedStore(data_dir, family)
     try:

@@ -187,13 +187,15 @@ class TrainConfig:
         pinned (the default sqlite store is relative to the *current* folder).
         """
         from vmrnn.data import dataset_spec  # the data layer is only needed once a run is set up
+        from vmrnn.data.remote import is_remote
 
         from vmrnn.models import PRESETS, model_config
 
         c = dataclasses.replace(self, model=dict(self.model), tags=dict(self.tags),
                                 data_options=dict(self.data_options))
         c.validate()
-        c.data_dir = str(Path(c.data_dir).expanduser().resolve())
+        if not is_remote(c.data_dir):  # an object-store URI stays as it is (cached per node by vmrnn.data)
+            c.data_dir = str(Path(c.data_dir).expanduser().resolve())
         spec = dataset_spec(c.dataset, c.data_dir)
         recipe = RECIPES[c.dataset]
         if c.preset is None:

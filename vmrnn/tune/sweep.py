@@ -163,8 +163,9 @@ def resolve_settings(spec: SweepSpec, args: argparse.Namespace, stored: dict[str
                     "workers_per_trial": spec.workers_per_trial, "gpus_per_worker": None,
                     "cpus_per_worker": None, "trial_cpus": 1.0, "reduction_factor": spec.reduction_factor,
                     "max_train_batches": None, "max_val_batches": None,
-                    "data_dir": os.path.abspath(os.path.expanduser(
-                        os.environ.get("VMRNN_DATA_DIR") or "data"))}
+                    "data_dir": os.environ.get("VMRNN_DATA_DIR") or "data"}
+        if not is_remote(defaults["data_dir"]):
+            defaults["data_dir"] = os.path.abspath(os.path.expanduser(defaults["data_dir"]))
     defaults.update({"dataset": spec.dataset, "smoke": smoke, "seed": 0, "points": [], "overrides": [],
                      "preset": spec.resolved_preset(smoke)})
     settings: dict[str, Any] = {}

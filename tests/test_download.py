@@ -11,6 +11,7 @@ import struct
 import threading
 import time
 import zipfile
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -390,3 +391,16 @@ def test_refusals(tmp_path, server, published):
     shutil.copy(Path(__file__), mm / "mnist_test_seq.npy")
     with pytest.raises(DownloadError, match="already there but its"):
         download_dataset("mmnist", root, mirror=server.url, checksums=_digests(files), progress=False)
+
+
+def test_published_urls_are_tried_in_order(tmp_path, server, published, monkeypatch):
+    files, src = published
+    server.files.update(files)
+    (train, test) = SOURCES["mmnist"]
+    moved = (f"{server.url}gone/{train.name}", f"{server.url}{train.name}")  # the first one answers 404
+    monkeypatch.setitem(SOURCES, "mmnist", (replace(train, urls=moved), replace(test, urls=(server.url + test.name,))))
+    lines: list[str] = []
+    download_dataset("mmnist", tmp_path, checksums=_digests(files), progress=False, log=lines.append)
+    assert any(line.startswith(f"{moved[0]}: HTTP 404") and "trying the next source" in line for line in lines)
+    assert f'"url": "{moved[1]}"' in (tmp_path / "moving_mnist" / RECORD).read_text()
+    _same_samples("mmnist", tmp_path, src, "test")

@@ -231,8 +231,8 @@ def _in_place(family: str, sf: SourceFile, folder: Path, expected: Checksum, log
 def _obtain(name: str, urls: tuple[str, ...], dest: Path, expected: Checksum, t: _Transfer, *,
             via_mirror: bool) -> dict[str, Any]:
     """A complete, verified copy of the file at `dest` (downloaded unless a complete one is there)."""
-    url = urls[0]
-    if dest.is_file():
+    url, found = urls[0], dest.is_file()
+    if found:
         t.log(f"{dest}: found complete, verifying it (not downloaded again)")
     else:
         url = _fetch_any(name, urls, dest, expected, t)
@@ -241,7 +241,8 @@ def _obtain(name: str, urls: tuple[str, ...], dest: Path, expected: Checksum, t:
     if bad:
         rejected = _reject(dest)
         where = "the mirror" if via_mirror else "the source"
-        raise DownloadError(f"checksum mismatch for {url}: its {bad}; the file is kept aside at {rejected} and not "
+        what = f"{dest} (found there, not downloaded)" if found else url
+        raise DownloadError(f"checksum mismatch for {what}: its {bad}; the file is kept aside at {rejected} and not "
                             f"used. Run the command again to download it afresh; if it fails again, {where} serves "
                             "different content")
     t.log(f"{dest.name}: {_size(digests['bytes'])}, verified by {expected.method()}; sha256 {digests['sha256']}")

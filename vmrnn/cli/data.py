@@ -3,13 +3,14 @@
     vmrnn data synth   --dataset NAME --out DIR [--seed N] [--size small|medium] [--overwrite]
     vmrnn data prepare --dataset NAME --data-dir DIR [--out DIR] [--workers N]
     vmrnn data info    --dataset NAME --data-dir DIR [--prepared auto|never|require]
+    vmrnn data download --dataset taxibj|kth|mmnist [--data-dir DIR] [--mirror URL] [--no-progress]
 """
 
 from __future__ import annotations
 
 import argparse
 
-from vmrnn.data import dataset_names, synth_names
+from vmrnn.data import dataset_names, download_names, synth_names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +42,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--val-fraction", type=float, default=None)
     i.set_defaults(func=run_info)
+
+    d = dsub.add_parser("download", help="fetch a dataset from its published source (verified, resumable)")
+    d.add_argument("--dataset", required=True, choices=download_names())
+    d.add_argument("--data-dir", default=None, help="data root to download into (default $VMRNN_DATA_DIR, else ./data)")
+    d.add_argument("--mirror", default=None, metavar="URL",
+                   help="base URL of a mirror serving the same file names (default $VMRNN_DATA_MIRROR)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(func=run_download)
 
 
 def run_synth(args: argparse.Namespace) -> int:
@@ -89,3 +98,12 @@ def run_info(args: argparse.Namespace) -> int:
         splits = ", ".join(s for s, _ in failed)
         raise DataError(f"{args.dataset} split(s) {splits} cannot be read: {failed[0][1]}")
     return 0
+
+
+def run_download(args: argparse.Namespace) -> int:
+    from vmrnn.data.download import download_dataset
+
+    folder = download_dataset(args.dataset, args.data_dir, mirror=args.mirror, progress=not args.no_progress, log=print)
+    print(f"{args.dataset} is in {folder}")
+    return run_info(argparse.Namespace(dataset=args.dataset, data_dir=str(folder.parent), prepared="auto", seed=0,
+                                       val_fraction=None))

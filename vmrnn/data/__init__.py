@@ -20,6 +20,7 @@ from vmrnn.data.registry import (
     DatasetSpec,
     Recipe,
     dataset_names,
+    download_names,
     get_dataset,
     register_dataset,
     synth_names,
@@ -28,6 +29,6 @@ from vmrnn.data.synth import write_synthetic
 
 __all__ = [
     "DATASETS", "DataError", "DataFormatError", "DatasetNotFoundError", "DatasetSpec", "NoWindowsError", "Recipe",
-    "StalePreparedWarning", "build_dataset", "dataset_names", "dataset_spec", "get_dataset", "open_store",
+    "StalePreparedWarning", "build_dataset", "dataset_names", "dataset_spec", "download_names", "get_dataset", "open_store",
     "prepare_dataset", "register_dataset", "synth_names", "write_synthetic",
 ]

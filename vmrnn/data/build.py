@@ -16,6 +16,7 @@ from vmrnn.data.errors import DataError, DatasetNotFoundError
 from vmrnn.data.layout import locate
 from vmrnn.data.prepare import MANIFEST, PreparedStore
 from vmrnn.data.registry import DatasetSpec, get_dataset
+from vmrnn.data.remote import local_data_dir
 
 PREPARED_MODES = ("auto", "never", "require")
 
@@ -42,11 +43,12 @@ def open_store(name: str, data_dir: str | os.PathLike, prepared: Any = "auto") -
     prepared: "auto" (default) uses ``<data_dir>/prepared/<key>/`` when it exists and its manifest
     matches the source checksums (or the source is absent), else reads the source; "never" (or False)
     always reads the source; "require" (or True) insists on the prepared copy; a path names the
-    prepared folder explicitly (implies "require"). `data_dir` may itself be a prepared folder.
+    prepared folder explicitly (implies "require"). `data_dir` may itself be a prepared folder, or an
+    object-store URI (s3://, gs://) of prepared data, cached once per node (see vmrnn.data.remote).
     """
     family = get_dataset(name).family
     mode, explicit = _mode(prepared)
-    data_dir = Path(data_dir).expanduser()
+    data_dir = local_data_dir(data_dir, get_dataset(name).prepared_key)  # s3:// etc.: a node-local copy of the prepared files
     if mode != "never" and explicit is None and (data_dir / MANIFEST).is_file():
         return PreparedStore(data_dir, family)
     try:

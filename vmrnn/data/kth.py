@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw
 from vmrnn.data.base import LazyMixin, WindowDataset, check_fraction, reject_unknown
 from vmrnn.data.errors import DataError, DataFormatError, NoWindowsError
 from vmrnn.data.layout import Location
-from vmrnn.data.registry import DatasetSpec, Recipe, register_dataset
+from vmrnn.data.registry import OPENSTL_RELEASE, Checksum, DatasetSpec, Recipe, SourceFile, register_dataset
 
 KTH_ACTIONS = ("boxing", "handclapping", "handwaving", "jogging", "running", "walking")
 IN_FRAMES = 10
@@ -401,6 +401,8 @@ _COMMON = dict(
             "person01_boxing_d1_uncomp/image_0001.png and the other actions exist"),
     synth=write_synthetic, preset="kth", smoke_preset="kth-tiny", in_frames=IN_FRAMES, channels=1,
     height=OUT_SIZE[1], width=OUT_SIZE[0],
+    # No digest of OpenSTL's archive is published: it is checked by unpacking it and opening it with the reader.
+    downloads=(SourceFile("kth_action.zip", (OPENSTL_RELEASE + "kth_action.zip",), Checksum(), unpack="zip-tree"),),
 )
 SPEC = register_dataset(DatasetSpec(
     name="kth", out_frames=SEQ_LEN["kth"] - IN_FRAMES, recipe=Recipe(epochs=100, batch_size=4, lr=1e-4),

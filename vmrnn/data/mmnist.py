@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from vmrnn.data.base import LazyMixin, NpyRows, SequenceDataset, check_fraction, npy_header, reject_unknown, u8_to_float
 from vmrnn.data.errors import DataError, DataFormatError
 from vmrnn.data.layout import Location
-from vmrnn.data.registry import DatasetSpec, Recipe, register_dataset
+from vmrnn.data.registry import Checksum, DatasetSpec, Recipe, SourceFile, register_dataset
 
 IN_FRAMES, OUT_FRAMES = 10, 10
 N_FRAMES = IN_FRAMES + OUT_FRAMES
@@ -294,6 +294,20 @@ def write_synthetic(folder: Path, seed: int, size: str) -> None:
 
 # ------------------------------------------------------------------------------------------- registry
 
+MOVING_MNIST_PAGE = "http://www.cs.toronto.edu/~nitish/unsupervised_video/"
+# MNIST itself: torchvision's mirror first (the original site often refuses scripted downloads), then the original.
+MNIST_SITES = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
+# MNIST's training images have a well-known size, sha256 and md5; torchvision lists the md5 of mnist_test_seq.npy.
+DOWNLOADS = (
+    SourceFile(TRAIN_FILE, tuple(base + TRAIN_FILE for base in MNIST_SITES),
+               Checksum(sha256="440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+                        md5="f68b3c2dcbeaaa9fbdd348bbdeb94873", size=9912422),
+               unpack="file", check=read_idx_images),
+    SourceFile(TEST_FILE, (MOVING_MNIST_PAGE + TEST_FILE,), Checksum(md5="be083ec986bfe91a449d63653c411eb2"),
+               unpack="file", check=check_test_file),
+)
+
+
 def looks_like(d: Path) -> bool:
     return any((d / f).exists() for f in (TRAIN_FILE, TRAIN_FILE[:-3], TEST_FILE))
 
@@ -307,5 +321,5 @@ SPEC = register_dataset(DatasetSpec(
     synth=write_synthetic, recipe=Recipe(epochs=2000, batch_size=16, lr=1e-4),
     preset="mmnist", smoke_preset="mmnist-tiny",
     in_frames=IN_FRAMES, out_frames=OUT_FRAMES, channels=1, height=IMAGE_SIZE, width=IMAGE_SIZE,
-    bench_batch=16, bench_presets=("mmnist", "mmnist-openstl", "mmnist-tiny"),
+    bench_batch=16, bench_presets=("mmnist", "mmnist-openstl", "mmnist-tiny"), downloads=DOWNLOADS,
 ))

@@ -23,6 +23,8 @@ from typing import Any
 
 from vmrnn.data.errors import DataError
 
+OPENSTL_RELEASE = "https://github.com/chengtan9907/OpenSTL/releases/download/v0.1.0/"
+
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _SHAPE_FIELDS = ("in_frames", "out_frames", "channels", "height", "width")
 
@@ -37,6 +39,40 @@ class Recipe:
     batch_size: int
     lr: float
     val_batch_size: int | None = None  # default: batch_size
+
+
+@dataclass(frozen=True)
+class Checksum:
+    """What a downloaded file is checked against; None where nothing is published."""
+
+    sha256: str | None = None
+    md5: str | None = None
+    size: int | None = None
+
+    def method(self) -> str:
+        if self.sha256:
+            return "sha256" + (" and size" if self.size else "")
+        if self.md5:
+            return "md5" + (" and size" if self.size else "")
+        return "size" if self.size else "format check after unpacking (no published digest)"
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One published file of a dataset.
+
+    unpack: ``file`` (used as it is, named `name` in the dataset folder), ``zip-member`` (the archive's
+    one file named `member` goes to the dataset folder) or ``zip-tree`` (the archive's folder holding the
+    KTH action folders becomes the dataset folder). check: for ``file``, a reader that raises DataError
+    on a malformed file (archives are checked by opening the unpacked dataset).
+    """
+
+    name: str
+    urls: tuple[str, ...]
+    checksum: Checksum
+    unpack: str
+    member: str = ""
+    check: Callable[[Path], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +120,7 @@ class DatasetSpec:
     fit_model: bool = False
     bench_batch: int | None = None                # official single-GPU batch that `vmrnn bench` times
     bench_presets: tuple[str, ...] = ()           # presets `vmrnn bench` times (default: preset, smoke_preset)
+    downloads: tuple[SourceFile, ...] = ()        # the published files `vmrnn data download` fetches
 
     def __post_init__(self) -> None:
         for key in ("name", "family"):
@@ -159,5 +196,14 @@ def synth_names() -> tuple[str, ...]:
     first: dict[str, str] = {}
     for spec in DATASETS.values():
         if spec.synth is not None:
+            first.setdefault(spec.family, spec.name)
+    return tuple(first.values())
+
+
+def download_names() -> tuple[str, ...]:
+    """One dataset per family with published files to fetch (the choices of `vmrnn data download`)."""
+    first: dict[str, str] = {}
+    for spec in DATASETS.values():
+        if spec.downloads:
             first.setdefault(spec.family, spec.name)
     return tuple(first.values())

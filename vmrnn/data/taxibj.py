@@ -20,7 +20,7 @@ import numpy as np
 from vmrnn.data.base import SequenceDataset, check_fraction, reject_unknown
 from vmrnn.data.errors import DataError, DataFormatError
 from vmrnn.data.layout import Location
-from vmrnn.data.registry import DatasetSpec, Recipe, register_dataset
+from vmrnn.data.registry import OPENSTL_RELEASE, Checksum, DatasetSpec, Recipe, SourceFile, register_dataset
 
 IN_FRAMES, OUT_FRAMES = 4, 4
 FRAME_SHAPE = (2, 32, 32)
@@ -215,4 +215,7 @@ SPEC = register_dataset(DatasetSpec(
     preset="taxibj", smoke_preset="taxibj-tiny",
     in_frames=IN_FRAMES, out_frames=OUT_FRAMES, channels=FRAME_SHAPE[0], height=FRAME_SHAPE[1], width=FRAME_SHAPE[2],
     bench_batch=16,
+    # No digest of OpenSTL's archive is published: it is checked by unpacking it and opening it with the reader.
+    downloads=(SourceFile("taxibj_dataset.zip", (OPENSTL_RELEASE + "taxibj_dataset.zip",), Checksum(),
+                          unpack="zip-member", member="dataset.npz"),),
 ))

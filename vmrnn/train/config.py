@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from vmrnn.data import DATASETS, dataset_names, dataset_spec
+from vmrnn.data.remote import is_remote
 from vmrnn.models import ConfigError
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -183,7 +184,8 @@ class TrainConfig:
         c = dataclasses.replace(self, model=dict(self.model), tags=dict(self.tags),
                                 data_options=dict(self.data_options))
         c.validate()
-        c.data_dir = str(Path(c.data_dir).expanduser().resolve())
+        if not is_remote(c.data_dir):  # an object-store URI stays as it is (cached per node by vmrnn.data)
+            c.data_dir = str(Path(c.data_dir).expanduser().resolve())
         spec = dataset_spec(c.dataset, c.data_dir)
         recipe = spec.recipe
         if c.preset is None:

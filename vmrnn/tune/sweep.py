@@ -150,7 +150,9 @@ def resolve_settings(spec: SweepSpec, args: argparse.Namespace, stored: dict[str
     explicit = {k: getattr(args, k) for k in SWEEP_SETTINGS if getattr(args, k, None) is not None}
     if explicit.get("points") is not None:
         explicit["points"] = [parse_point(p) for p in explicit["points"]]
-    if explicit.get("data_dir"):
+    from vmrnn.data.remote import is_remote  # the data layer is only needed once a sweep is set up
+
+    if explicit.get("data_dir") and not is_remote(explicit["data_dir"]):  # s3:// etc. stay as they are
         explicit["data_dir"] = os.path.abspath(os.path.expanduser(explicit["data_dir"]))
     smoke = bool(explicit.get("smoke", stored_values.get("smoke", False)))
     if smoke:
@@ -161,8 +163,9 @@ def resolve_settings(spec: SweepSpec, args: argparse.Namespace, stored: dict[str
                     "workers_per_trial": spec.workers_per_trial, "gpus_per_worker": None,
                     "cpus_per_worker": None, "trial_cpus": 1.0, "reduction_factor": spec.reduction_factor,
                     "max_train_batches": None, "max_val_batches": None,
-                    "data_dir": os.path.abspath(os.path.expanduser(
-                        os.environ.get("VMRNN_DATA_DIR") or "data"))}
+                    "data_dir": os.environ.get("VMRNN_DATA_DIR") or "data"}
+        if not is_remote(defaults["data_dir"]):
+            defaults["data_dir"] = os.path.abspath(os.path.expanduser(defaults["data_dir"]))
     defaults.update({"dataset": spec.dataset, "smoke": smoke, "seed": 0, "points": [], "overrides": [],
                      "preset": spec.resolved_preset(smoke)})
     settings: dict[str, Any] = {}
@@ -517,10 +520,12 @@ def run_sweep(spec: SweepSpec, args: argparse.Namespace) -> SweepOutcome:
                          f"{settings['preset']!r}: {exc}") from None
     can_restore = tune.Tuner.can_restore(exp_path)
 
+    from vmrnn.data.remote import is_remote
+
     smoke_data = os.path.join(D.smoke_cache_dir(), f"{spec.dataset}-small-seed0")
     if smoke and settings["data_dir"] == smoke_data:  # --smoke without --data-dir: synthetic data
         prepare_smoke_data(spec.dataset, settings["data_dir"])
-    elif not os.path.isdir(settings["data_dir"]):
+    elif not is_remote(settings["data_dir"]) and not os.path.isdir(settings["data_dir"]):
         raise SweepError(f"data directory {settings['data_dir']} does not exist: pass --data-dir (the "
                          f"dataset root in its published layout), or --smoke for synthetic data")
     check_data(spec.dataset, settings["data_dir"])

@@ -11,10 +11,11 @@ import torch
 from test_train_helpers import MlflowServer, free_port, tiny_cfg, write_taxibj
 
 from vmrnn.data import build_dataset
+from vmrnn.tracking.models import load_forecaster
+from vmrnn.tracking.tags import TAG_RUN_KEY
+from vmrnn.tracking.uris import TrackingUnavailable
 from vmrnn.train.checkpoint import load_state
-from vmrnn.train.export import load_forecaster
 from vmrnn.train.loop import REPORTED_KEYS, TrainingDiverged, TrainingStopped, train
-from vmrnn.train.tracking import RUN_KEY_TAG, TrackingUnavailable
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -56,7 +57,7 @@ def test_mlflow_run_has_params_every_epoch_images_and_a_loadable_model(data_root
     p = run.data.params
     assert p["dataset"] == "taxibj" and p["preset"] == "taxibj-tiny" and float(p["lr"]) == 3e-3
     assert p["model_config.embed_dim"] == "16" and p["tags.team"] == "vision" and p["run_key"]
-    assert run.data.tags[RUN_KEY_TAG] == p["run_key"] and run.data.tags["team"] == "vision"
+    assert run.data.tags[TAG_RUN_KEY] == p["run_key"] and run.data.tags["team"] == "vision"
     for k in EPOCH_KEYS:
         assert _steps(client, res.run_id, k) == [0, 1], k
     vals = [m.value for m in sorted(client.get_metric_history(res.run_id, "val_mse"), key=lambda m: m.step)]
@@ -174,7 +175,7 @@ def test_pinned_tracking_uri_restores_the_process_settings_exactly(tmp_path, mon
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    from vmrnn.train.tracking import pinned_tracking_uri
+    from vmrnn.tracking.uris import pinned_tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(tracking_utils, "_tracking_uri", None)

@@ -1,19 +1,21 @@
-"""MLflow side of a sweep: the parent run, the trial runs' final status, the results table and the
-Optuna plots. The trial runs themselves are created and filled by the training layer (rank 0), found
-here by their tag `vmrnn.run_key` = "<sweep>/<trial_id>".
+"""MLflow side of a sweep: `SweepTracker` (the parent run, the trial runs' final status, the results table
+and the Optuna plots), and `TrialRow`, one trial as those see it. The trial runs themselves are created and
+filled by the training layer (`vmrnn.tracking.runs`, rank 0), found here by their tag
+`vmrnn.run_key` = "<sweep>/<trial_id>".
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlparse
 
+from vmrnn.tracking import tags as T
+from vmrnn.tracking import uris
+from vmrnn.tracking.experiments import ensure_experiment
+from vmrnn.tracking.sweep_plots import log_optuna_plots
 from vmrnn.tune import defaults as D
 from vmrnn.tune.values import finite_float
 
@@ -58,54 +60,31 @@ class TrialRow:
         return rec
 
 
-class Tracker:
-    """An MlflowClient bound to one tracking URI and experiment."""
+class SweepTracker:
+    """An MlflowClient bound to one tracking URI and experiment, for a sweep's parent and trial runs."""
 
     def __init__(self, tracking_uri: str, experiment: str):
-        from mlflow.tracking import MlflowClient
-
         self.tracking_uri = tracking_uri
         self.experiment = experiment
-        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.client = uris.client(tracking_uri)
         self._experiment_id: str | None = None
 
     # -- experiment and parent run ---------------------------------------------------------------
     @property
     def experiment_id(self) -> str:
+        """Found or created by the rule every run follows (vmrnn.tracking.experiments)."""
         if self._experiment_id is None:
-            exp = self.client.get_experiment_by_name(self.experiment)
-            if exp is None:
-                artifact_location = None
-                parsed = urlparse(self.tracking_uri)
-                if parsed.scheme == "sqlite" and parsed.path not in ("", "/:memory:"):
-                    # MLflow's default is ./mlruns of whichever process creates the experiment; pin it
-                    # beside the database so that workers and later runs agree.
-                    db = parsed.path[1:] if parsed.path.startswith("//") else parsed.path
-                    artifact_location = os.path.join(os.path.dirname(os.path.abspath(db)), "mlruns")
-                    os.makedirs(artifact_location, exist_ok=True)
-                try:
-                    self._experiment_id = self.client.create_experiment(
-                        self.experiment, artifact_location=artifact_location)
-                except Exception:  # created concurrently
-                    exp = self.client.get_experiment_by_name(self.experiment)
-                    if exp is None:
-                        raise
-                    self._experiment_id = exp.experiment_id
-            else:
-                if exp.lifecycle_stage == "deleted":
-                    raise ValueError(f"MLflow experiment {self.experiment!r} is deleted; restore it "
-                                     "(mlflow experiments restore) or pick another --experiment")
-                self._experiment_id = exp.experiment_id
+            self._experiment_id = ensure_experiment(self.tracking_uri, self.experiment, hint="")
         return self._experiment_id
 
     def find_parent(self, sweep: str):
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{D.TAG_SWEEP}` = {_quote(sweep)} AND tags.`{D.TAG_ROLE}` = "
-                          f"{_quote(D.ROLE_SWEEP)}",
+            filter_string=f"tags.`{T.TAG_SWEEP}` = {_quote(sweep)} AND tags.`{T.TAG_ROLE}` = "
+                          f"{_quote(T.ROLE_SWEEP)}",
             order_by=["attributes.start_time ASC"], max_results=10)
         if len(runs) > 1:
-            log.warning("%d parent runs are tagged %s=%s; using the oldest, %s", len(runs), D.TAG_SWEEP,
+            log.warning("%d parent runs are tagged %s=%s; using the oldest, %s", len(runs), T.TAG_SWEEP,
                         sweep, runs[0].info.run_id)
         return runs[0] if runs else None
 
@@ -114,9 +93,9 @@ class Tracker:
         run = self.find_parent(sweep)
         if run is not None:
             self.client.update_run(run.info.run_id, status="RUNNING")
-            self.client.set_tag(run.info.run_id, D.TAG_SWEEP_STATUS, "RUNNING")
+            self.client.set_tag(run.info.run_id, T.TAG_SWEEP_STATUS, "RUNNING")
             return run.info.run_id, False
-        all_tags = {D.TAG_SWEEP: sweep, D.TAG_ROLE: D.ROLE_SWEEP, D.TAG_SWEEP_STATUS: "RUNNING", **tags}
+        all_tags = {T.TAG_SWEEP: sweep, T.TAG_ROLE: T.ROLE_SWEEP, T.TAG_SWEEP_STATUS: "RUNNING", **tags}
         run = self.client.create_run(self.experiment_id, run_name=sweep, tags=all_tags)
         return run.info.run_id, True
 
@@ -139,20 +118,20 @@ class Tracker:
         self.client.log_dict(run_id, obj, artifact_file)
 
     def finish_parent(self, run_id: str, status: str, sweep_status: str) -> None:
-        self.client.set_tag(run_id, D.TAG_SWEEP_STATUS, sweep_status)
+        self.client.set_tag(run_id, T.TAG_SWEEP_STATUS, sweep_status)
         self.client.set_terminated(run_id, status=status)
 
     # -- trial runs -------------------------------------------------------------------------------
     def find_trial_run(self, sweep: str, trial_id: str):
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{D.TAG_RUN_KEY}` = {_quote(run_key(sweep, trial_id))}",
+            filter_string=f"tags.`{T.TAG_RUN_KEY}` = {_quote(run_key(sweep, trial_id))}",
             order_by=["attributes.start_time ASC"], max_results=5)
         return runs[0] if runs else None
 
     def trial_runs(self, parent_run_id: str) -> list:
         return self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = {_quote(parent_run_id)}",
+            [self.experiment_id], filter_string=f"tags.`{T.TAG_PARENT_RUN}` = {_quote(parent_run_id)}",
             max_results=5000)
 
     def mark_trial(self, *, sweep: str, trial_id: str, status: str, parent_run_id: str,
@@ -164,14 +143,14 @@ class Tracker:
             if status != D.TRIAL_FAILED:
                 return None
             run = self.client.create_run(self.experiment_id, run_name=f"{sweep}-{trial_id}", tags={
-                "mlflow.parentRunId": parent_run_id, D.TAG_RUN_KEY: run_key(sweep, trial_id),
-                D.TAG_SWEEP: sweep, D.TAG_ROLE: D.ROLE_TRIAL, D.TAG_TRIAL_ID: trial_id})
+                T.TAG_PARENT_RUN: parent_run_id, T.TAG_RUN_KEY: run_key(sweep, trial_id),
+                T.TAG_SWEEP: sweep, T.TAG_ROLE: T.ROLE_TRIAL, T.TAG_TRIAL_ID: trial_id})
             if params:
                 self.log_params_once(run.info.run_id, {k: v for k, v in params.items()})
         run_id = run.info.run_id
-        self.client.set_tag(run_id, D.TAG_TRIAL_STATUS, status)
+        self.client.set_tag(run_id, T.TAG_TRIAL_STATUS, status)
         if error:
-            self.client.set_tag(run_id, D.TAG_ERROR, error[:4900])
+            self.client.set_tag(run_id, T.TAG_ERROR, error[:4900])
             self.client.log_text(run_id, error, "error.txt")
         mlflow_status = D.MLFLOW_STATUS.get(status)
         if mlflow_status and (run.info.status != mlflow_status or run.info.end_time is None):
@@ -183,9 +162,9 @@ class Tracker:
         before Tune saved its state): marked KILLED, so that nothing stays RUNNING forever."""
         closed = []
         for run in self.trial_runs(parent_run_id):
-            tid = run.data.tags.get(D.TAG_TRIAL_ID) or run.data.tags.get(D.TAG_RUN_KEY, "").split("/")[-1]
+            tid = run.data.tags.get(T.TAG_TRIAL_ID) or run.data.tags.get(T.TAG_RUN_KEY, "").split("/")[-1]
             if run.info.status == "RUNNING" and tid not in known_trial_ids:
-                self.client.set_tag(run.info.run_id, D.TAG_TRIAL_STATUS, "ORPHANED")
+                self.client.set_tag(run.info.run_id, T.TAG_TRIAL_STATUS, "ORPHANED")
                 self.client.set_terminated(run.info.run_id, status="KILLED")
                 closed.append(run.info.run_id)
         return closed
@@ -209,76 +188,4 @@ class Tracker:
 
         Returns {plot: artifact path or "skipped: <why>"}.
         """
-        import matplotlib
-
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-        import optuna
-        from optuna.visualization import matplotlib as ovm
-
-        out: dict[str, str] = {}
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = study_from_rows(rows, space)
-        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # optuna's ExperimentalWarning for the matplotlib backend
-            plots = {"optimization_history": lambda: ovm.plot_optimization_history(study),
-                     "param_importances": lambda: ovm.plot_param_importances(study)}
-            for name, make in plots.items():
-                if not complete:
-                    out[name] = "skipped: no completed trial"
-                    continue
-                if name == "param_importances":
-                    varying = [k for k in space if len({repr(t.params.get(k)) for t in complete}) > 1]
-                    if len(complete) < 2 or not varying:
-                        out[name] = ("skipped: parameter importance needs at least 2 completed trials "
-                                     f"with different parameters (have {len(complete)})")
-                        continue
-                try:
-                    ax = make()
-                    fig = ax.figure if hasattr(ax, "figure") else ax[0].figure
-                    fig.set_size_inches(8, 5)
-                    fig.tight_layout()
-                    self.client.log_figure(run_id, fig, f"plots/{name}.png")
-                    plt.close(fig)
-                    out[name] = f"plots/{name}.png"
-                except Exception as exc:  # e.g. importance on degenerate data
-                    out[name] = f"skipped: {type(exc).__name__}: {exc}"
-        skipped = {k: v for k, v in out.items() if v.startswith("skipped")}
-        if skipped:
-            self.client.log_text(run_id, json.dumps(skipped, indent=2), "plots/skipped.json")
-        return out
-
-
-def study_from_rows(rows: list[TrialRow], space: dict[str, Any]):
-    """An Optuna study holding the sweep's trials as the TPE searcher saw them: each trial completes
-    with its last reported val_mse (an ASHA-pruned trial with the value it was stopped at, as Ray's
-    OptunaSearch tells it), errored ones FAIL; intermediate values are the per-epoch val_mse."""
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    distributions = OptunaSearch.convert_search_space(space)
-    study = optuna.create_study(direction="minimize" if D.MODE == "min" else "maximize")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            study.set_metric_names([D.METRIC])
-    except Exception:
-        pass
-    for row in rows:
-        if row.status in (D.TRIAL_PENDING, D.TRIAL_RUNNING):
-            continue
-        params = {k: row.params[k] for k in distributions if k in row.params}
-        if len(params) != len(distributions):
-            continue
-        last = finite_float(row.last.get(D.METRIC))
-        state = optuna.trial.TrialState.COMPLETE if last is not None else optuna.trial.TrialState.FAIL
-        try:
-            study.add_trial(optuna.trial.create_trial(
-                state=state, value=last if state == optuna.trial.TrialState.COMPLETE else None,
-                params=params, distributions={k: distributions[k] for k in params},
-                intermediate_values={int(e): float(v) for e, v in row.history if finite_float(v) is not None},
-                user_attrs={"trial_id": row.trial_id, "status": row.status}))
-        except ValueError as exc:  # a value outside its distribution: leave the trial out of the plots
-            log.warning("trial %s left out of the Optuna plots: %s", row.trial_id, exc)
-    return study
+        return log_optuna_plots(self.client, run_id, rows, space)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,6 +134,33 @@ def test_unreachable_tracking_server_fails_fast_naming_the_uri(data_root):
     with pytest.raises(TrackingUnavailable, match=uri.replace(".", r"\.")):
         train(tiny_cfg(data_root, tracking=True, tracking_uri=uri))
     assert time.monotonic() - t0 < 15
+
+
+def test_one_experiment_rule_for_training_and_sweeps(data_root, tmp_path, monkeypatch):
+    """Whoever creates an experiment of a sqlite store (a training run or a sweep, from any folder), its
+    artifacts go beside the database; a deleted experiment is refused by both, never silently restored."""
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    from vmrnn.tracking.experiments import ExperimentDeleted, ensure_experiment
+    from vmrnn.tracking.sweeps import SweepTracker
+
+    uri = _store(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    client = MlflowClient(uri)
+    trained = ensure_experiment(uri, "t rule/train")
+    swept = SweepTracker(uri, "t-rule-sweep").experiment_id
+    for exp_id, folder in ((trained, "t_rule_train"), (swept, "t-rule-sweep")):
+        location = local_file_uri_to_path(client.get_experiment(exp_id).artifact_location)
+        assert Path(location) == tmp_path / "store" / "mlruns" / folder
+    assert ensure_experiment(uri, "t-rule-sweep") == swept  # training finds the sweep's experiment
+    client.delete_experiment(swept)
+    with pytest.raises(ExperimentDeleted, match="'t-rule-sweep' in .* is deleted: restore it"):
+        train(tiny_cfg(data_root, tracking=True, tracking_uri=uri, experiment="t-rule-sweep"))
+    with pytest.raises(ExperimentDeleted, match="'t-rule-sweep'"):
+        SweepTracker(uri, "t-rule-sweep").experiment_id  # noqa: B018 (the property creates or finds it)
+    assert client.get_experiment(swept).lifecycle_stage == "deleted"
+    assert not list((tmp_path / "elsewhere").iterdir())  # nothing was written in the current folder
 
 
 @pytest.mark.slow

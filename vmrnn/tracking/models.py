@@ -33,6 +33,7 @@ from vmrnn.train.export import (
 )
 
 log = logging.getLogger("vmrnn.train")
+# MLflow is imported inside the functions that call it: importing this module does not import MLflow.
 
 
 def log_forecaster(state: dict[str, Tensor], meta: dict[str, Any], example: np.ndarray, *,

@@ -22,6 +22,8 @@ from vmrnn.tracking.uris import pinned_tracking_uri
 from vmrnn.tune import defaults as D
 from vmrnn.tune.values import finite_float
 
+# MLflow is imported inside the functions that call it: importing this module does not import MLflow.
+
 
 @dataclass(frozen=True)
 class Registration:

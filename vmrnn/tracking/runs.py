@@ -34,10 +34,12 @@ from vmrnn.tracking import uris
 from vmrnn.tracking.experiments import default_experiment, ensure_experiment
 from vmrnn.tracking.models import log_forecaster_in_run
 from vmrnn.tracking.uris import TrackingUnavailable, strip_credentials
+from vmrnn.train import visualize
 from vmrnn.train.config import TrainConfig, flatten
 from vmrnn.train.export import model_meta
 
 log = logging.getLogger("vmrnn.train")
+# MLflow is imported inside the methods that call it: importing this module does not import MLflow.
 
 # MLflow error codes that a retry cannot fix: the operation is dropped, not buffered.
 _PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
@@ -252,8 +254,6 @@ class RunTracker:
     def log_best_epoch(self, epoch: int, vis: tuple[Any, Any, Any] | None, val: dict[str, Any],
                        n_input: int) -> None:
         """New best validation epoch: refresh the forecast pictures and the lead-time curves."""
-        from vmrnn.train import visualize
-
         d = self._staging / f"best_{epoch:04d}"
         d.mkdir(parents=True, exist_ok=True)
         title = f"epoch {epoch}  val_mse {val.get('mse', float('nan')):.4g}"
@@ -280,8 +280,6 @@ class RunTracker:
         self.pump()
 
     def log_test(self, test: dict[str, Any], epoch: int) -> None:
-        from vmrnn.train import visualize
-
         per_lead = {k: v for k, v in test.items() if isinstance(v, list)}
         d = self._staging / "test"
         d.mkdir(parents=True, exist_ok=True)

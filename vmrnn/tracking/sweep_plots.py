@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from vmrnn.tracking.sweeps import TrialRow
 
 log = logging.getLogger(__name__)
+# Optuna, matplotlib and Ray are imported by the functions that draw: importing this module stays cheap.
 
 
 def log_optuna_plots(client: Any, run_id: str, rows: list[TrialRow], space: dict[str, Any]) -> dict[str, str]:

@@ -20,6 +20,7 @@ from vmrnn.tune import defaults as D
 from vmrnn.tune.values import finite_float
 
 log = logging.getLogger(__name__)
+# MLflow and pyarrow are imported inside the methods that use them: importing this module does not import them.
 
 
 def _quote(value: str) -> str:

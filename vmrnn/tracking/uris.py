@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 TRAIN_HINT = " (or disable tracking: --set tracking=false)"  # a sweep cannot run without tracking, training can
 
+# MLflow is imported inside the functions that call it: importing this module does not import MLflow.
 _DB_SCHEMES = ("sqlite", "mysql", "postgresql", "mssql")  # SQLAlchemy stores, with an optional +driver
 _OTHER_SCHEMES = ("file", "databricks", "databricks-uc", "uc")
 

@@ -109,8 +109,8 @@ class SweepTracker:
 
         existing = self.stored_params(run_id)
         conflicts = {k: (existing[k], str(v)) for k, v in params.items()
-                     if k in existing and existing[k] != str(v)[:6000]}
-        new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+                     if k in existing and existing[k] != str(v)[:T.MAX_PARAM_LEN]}
+        new = [Param(k, str(v)[:T.MAX_PARAM_LEN]) for k, v in params.items() if k not in existing]
         for i in range(0, len(new), 100):
             self.client.log_batch(run_id, params=new[i:i + 100])
         return conflicts

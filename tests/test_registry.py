@@ -1,4 +1,4 @@
-"""Model registry rules (vmrnn.tune.registry) against a real local sqlite MLflow store with real models.
+"""Model registry rules (vmrnn.tracking.registry) against a real local sqlite MLflow store with real models.
 
 Champion / challenger: the first model becomes champion; a worse one is a challenger and the champion
 stays; a model validated on synthetic (smoke) data never replaces a real-data champion; a better one
@@ -9,8 +9,9 @@ loads and predicts through `models:/vmrnn-taxibj@champion`.
 import numpy as np
 import pytest
 
+from vmrnn.tracking import tags as T
+from vmrnn.tracking.registry import decide, register_best
 from vmrnn.tune import defaults as D
-from vmrnn.tune.registry import decide, register_best
 
 pytestmark = pytest.mark.slow
 
@@ -39,8 +40,9 @@ def _logged_run(uri: str, seed: int, val_mse: float) -> str:
     import torch
 
     from vmrnn.models import build_model
-    from vmrnn.train.export import log_forecaster_to_mlflow, model_meta
-    from vmrnn.train.tracking import pinned_tracking_uri
+    from vmrnn.tracking.models import log_forecaster
+    from vmrnn.tracking.uris import pinned_tracking_uri
+    from vmrnn.train.export import model_meta
 
     torch.manual_seed(seed)
     model = build_model("taxibj-tiny")
@@ -50,15 +52,15 @@ def _logged_run(uri: str, seed: int, val_mse: float) -> str:
         mlflow.set_experiment("registry-test")
         with mlflow.start_run() as run:
             mlflow.log_metric("val_mse", val_mse)
-            log_forecaster_to_mlflow(model.state_dict(), meta, np.zeros((1, 4, 2, 32, 32), np.float32),
-                                     fmt="pickle", name=D.model_artifact_path())
+            log_forecaster(model.state_dict(), meta, np.zeros((1, 4, 2, 32, 32), np.float32),
+                           fmt="pickle", name=T.MODEL_ARTIFACT_PATH)
     return run.info.run_id
 
 
 def test_champion_and_challenger_on_a_real_store(store):
     from mlflow.tracking import MlflowClient
 
-    from vmrnn.train.export import load_forecaster
+    from vmrnn.tracking.models import load_forecaster
 
     client = MlflowClient(tracking_uri=store, registry_uri=store)
     name = D.registered_model_name("taxibj")
@@ -66,42 +68,42 @@ def test_champion_and_challenger_on_a_real_store(store):
 
     r = register_best(store, dataset="taxibj", run_id=a, val_mse=0.5, metrics={"val_ssim": 0.9},
                       config={"lr": 1e-3}, sweep="s1", trial_id="t-a")
-    assert (r.version, r.alias, r.previous_champion, r.reused) == ("1", D.CHAMPION, None, False)
+    assert (r.version, r.alias, r.previous_champion, r.reused) == ("1", T.CHAMPION, None, False)
     mv = client.get_model_version(name, "1")
     assert mv.run_id == a and mv.tags["val_mse"] == "0.5" and mv.tags["val_ssim"] == "0.9"
-    assert mv.tags[D.TAG_SWEEP] == "s1" and '"lr": 0.001' in mv.tags["config"]
+    assert mv.tags[T.TAG_SWEEP] == "s1" and '"lr": 0.001' in mv.tags["config"]
 
     r = register_best(store, dataset="taxibj", run_id=b, val_mse=0.7, sweep="s2", trial_id="t-b")
-    assert (r.version, r.alias, r.previous_champion) == ("2", D.CHALLENGER, "1")
+    assert (r.version, r.alias, r.previous_champion) == ("2", T.CHALLENGER, "1")
     assert "does not beat" in r.reason
-    assert str(client.get_model_version_by_alias(name, D.CHAMPION).version) == "1"
+    assert str(client.get_model_version_by_alias(name, T.CHAMPION).version) == "1"
 
     # the same run again (a resumed / re-run sweep): no new version, same decision
     r = register_best(store, dataset="taxibj", run_id=b, val_mse=0.7, sweep="s2", trial_id="t-b")
-    assert (r.version, r.alias, r.reused) == ("2", D.CHALLENGER, True)
+    assert (r.version, r.alias, r.reused) == ("2", T.CHALLENGER, True)
 
     # lower val_mse, but measured on synthetic data: never replaces a real-data champion
     r = register_best(store, dataset="taxibj", run_id=c, val_mse=0.3, sweep="smoke", trial_id="t-c",
                       eval_data="synthetic")
-    assert (r.version, r.alias) == ("3", D.CHALLENGER) and "synthetic" in r.reason
-    assert str(client.get_model_version_by_alias(name, D.CHAMPION).version) == "1"
+    assert (r.version, r.alias) == ("3", T.CHALLENGER) and "synthetic" in r.reason
+    assert str(client.get_model_version_by_alias(name, T.CHAMPION).version) == "1"
 
     # a better real-data model takes the champion alias
     r = register_best(store, dataset="taxibj", run_id=d, val_mse=0.4, sweep="s3", trial_id="t-d")
-    assert (r.version, r.alias, r.previous_champion) == ("4", D.CHAMPION, "1")
+    assert (r.version, r.alias, r.previous_champion) == ("4", T.CHAMPION, "1")
     assert r.previous_champion_mse == pytest.approx(0.5)
-    assert str(client.get_model_version_by_alias(name, D.CHAMPION).version) == "4"
-    assert str(client.get_model_version_by_alias(name, D.CHALLENGER).version) == "3"
+    assert str(client.get_model_version_by_alias(name, T.CHAMPION).version) == "4"
+    assert str(client.get_model_version_by_alias(name, T.CHALLENGER).version) == "3"
     r = register_best(store, dataset="taxibj", run_id=d, val_mse=0.4, sweep="s3", trial_id="t-d")
-    assert (r.version, r.alias, r.reused, r.reason) == ("4", D.CHAMPION, True, "already the champion")
+    assert (r.version, r.alias, r.reused, r.reason) == ("4", T.CHAMPION, True, "already the champion")
 
     versions = client.search_model_versions(f"name = '{name}'")
     assert sorted(str(v.version) for v in versions) == ["1", "2", "3", "4"]
     assert len({v.run_id for v in versions}) == 4
     aliases = {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
-    assert aliases == {D.CHAMPION: "4", D.CHALLENGER: "3"}
+    assert aliases == {T.CHAMPION: "4", T.CHALLENGER: "3"}
 
-    fc = load_forecaster(f"models:/{name}@{D.CHAMPION}")
+    fc = load_forecaster(f"models:/{name}@{T.CHAMPION}")
     assert fc.meta["seed"] == 3  # run d's model
     y = fc.predict(np.random.default_rng(0).random((2, 4, 2, 32, 32), dtype=np.float32))
     assert y.shape == (2, 4, 2, 32, 32) and np.isfinite(y).all()

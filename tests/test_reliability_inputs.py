@@ -469,7 +469,7 @@ def _api_cases(p: dict) -> list[tuple[str, object, str]]:
     from vmrnn.models import build_model, load_official_state_dict, to_official_state_dict
     from vmrnn.train.checkpoint import load_best_model, load_state
     from vmrnn.train.config import TrainConfig
-    from vmrnn.train.export import load_forecaster
+    from vmrnn.tracking.models import load_forecaster
     from vmrnn.tune.local_ray import ClusterInfo, plan_resources
 
     tiny = lambda: build_model("taxibj-tiny")  # noqa: E731

@@ -9,9 +9,11 @@ import torch
 from test_train_helpers import write_taxibj
 
 from vmrnn.models import ConfigError, build_model
+from vmrnn.tracking.runs import config_params
+from vmrnn.tracking.tags import redact
+from vmrnn.tracking.uris import strip_credentials
 from vmrnn.train.config import TrainConfig, TrainConfigError, apply_overrides, flatten
 from vmrnn.train.schedule import LRSchedule, build_optimizer, cosine_lr
-from vmrnn.train.tracking import config_params, redact, strip_credentials
 
 
 def test_from_dict_coerces_and_round_trips():

@@ -13,9 +13,9 @@ from test_train_helpers import eval_worker, spawn, state_equal, strip_times, tin
 from vmrnn.cli import main as cli_main
 from vmrnn.data import build_dataset
 from vmrnn.models import build_model
+from vmrnn.tracking.models import load_forecaster
 from vmrnn.train.checkpoint import BEST_FILE, CONFIG_FILE, METRICS_FILE, STATE_FILE, find_checkpoint, load_state
 from vmrnn.train.distributed import DistEnv
-from vmrnn.train.export import load_forecaster
 from vmrnn.train.schedule import cosine_lr
 from vmrnn.train.loop import (
     REPORTED_KEYS,

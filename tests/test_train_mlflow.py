@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,10 +12,11 @@ import torch
 from test_train_helpers import MlflowServer, free_port, tiny_cfg, write_taxibj
 
 from vmrnn.data import build_dataset
+from vmrnn.tracking.models import load_forecaster
+from vmrnn.tracking.tags import TAG_RUN_KEY
+from vmrnn.tracking.uris import TrackingUnavailable
 from vmrnn.train.checkpoint import load_state
-from vmrnn.train.export import load_forecaster
 from vmrnn.train.loop import REPORTED_KEYS, TrainingDiverged, TrainingStopped, train
-from vmrnn.train.tracking import RUN_KEY_TAG, TrackingUnavailable
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -56,7 +58,7 @@ def test_mlflow_run_has_params_every_epoch_images_and_a_loadable_model(data_root
     p = run.data.params
     assert p["dataset"] == "taxibj" and p["preset"] == "taxibj-tiny" and float(p["lr"]) == 3e-3
     assert p["model_config.embed_dim"] == "16" and p["tags.team"] == "vision" and p["run_key"]
-    assert run.data.tags[RUN_KEY_TAG] == p["run_key"] and run.data.tags["team"] == "vision"
+    assert run.data.tags[TAG_RUN_KEY] == p["run_key"] and run.data.tags["team"] == "vision"
     for k in EPOCH_KEYS:
         assert _steps(client, res.run_id, k) == [0, 1], k
     vals = [m.value for m in sorted(client.get_metric_history(res.run_id, "val_mse"), key=lambda m: m.step)]
@@ -134,6 +136,33 @@ def test_unreachable_tracking_server_fails_fast_naming_the_uri(data_root):
     assert time.monotonic() - t0 < 15
 
 
+def test_one_experiment_rule_for_training_and_sweeps(data_root, tmp_path, monkeypatch):
+    """Whoever creates an experiment of a sqlite store (a training run or a sweep, from any folder), its
+    artifacts go beside the database; a deleted experiment is refused by both, never silently restored."""
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    from vmrnn.tracking.experiments import ExperimentDeleted, ensure_experiment
+    from vmrnn.tracking.sweeps import SweepTracker
+
+    uri = _store(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    client = MlflowClient(uri)
+    trained = ensure_experiment(uri, "t rule/train")
+    swept = SweepTracker(uri, "t-rule-sweep").experiment_id
+    for exp_id, folder in ((trained, "t_rule_train"), (swept, "t-rule-sweep")):
+        location = local_file_uri_to_path(client.get_experiment(exp_id).artifact_location)
+        assert Path(location) == tmp_path / "store" / "mlruns" / folder
+    assert ensure_experiment(uri, "t-rule-sweep") == swept  # training finds the sweep's experiment
+    client.delete_experiment(swept)
+    with pytest.raises(ExperimentDeleted, match="'t-rule-sweep' in .* is deleted: restore it"):
+        train(tiny_cfg(data_root, tracking=True, tracking_uri=uri, experiment="t-rule-sweep"))
+    with pytest.raises(ExperimentDeleted, match="'t-rule-sweep'"):
+        SweepTracker(uri, "t-rule-sweep").experiment_id  # noqa: B018 (the property creates or finds it)
+    assert client.get_experiment(swept).lifecycle_stage == "deleted"
+    assert not list((tmp_path / "elsewhere").iterdir())  # nothing was written in the current folder
+
+
 @pytest.mark.slow
 def test_real_mlflow_server_with_an_outage_mid_run(data_root, tmp_path, monkeypatch):
     """Against a real `mlflow server`: it goes down after epoch 0 and comes back after epoch 1; training
@@ -174,7 +203,7 @@ def test_pinned_tracking_uri_restores_the_process_settings_exactly(tmp_path, mon
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    from vmrnn.train.tracking import pinned_tracking_uri
+    from vmrnn.tracking.uris import pinned_tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(tracking_utils, "_tracking_uri", None)

@@ -104,7 +104,7 @@ def build_config(args: argparse.Namespace) -> Any:
 def run_train(args: argparse.Namespace) -> int:
     _setup_logging(args.quiet)
     from vmrnn.train.loop import TrainingDiverged
-    from vmrnn.train.tracking import TrackingUnavailable
+    from vmrnn.tracking.uris import TrackingUnavailable
 
     cfg = build_config(args)
     if args.workers < 1:
@@ -186,7 +186,7 @@ def _train_ray(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
 
         if isinstance(exc, TrainingFailedError):
             from vmrnn.train.loop import TrainingDiverged
-            from vmrnn.train.tracking import TrackingUnavailable
+            from vmrnn.tracking.uris import TrackingUnavailable
 
             inner = _unwrap_worker_error(exc)
             if isinstance(inner, (TrainingDiverged, TrackingUnavailable)):
@@ -239,7 +239,7 @@ def _set_tracking(uri: str | None) -> None:
 
 
 def _load(source: str, device: str) -> Any:
-    from vmrnn.train.export import load_forecaster
+    from vmrnn.tracking.models import load_forecaster
 
     try:
         return load_forecaster(source, device=_device(device))

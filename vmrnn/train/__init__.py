@@ -4,7 +4,7 @@
 - `vmrnn.train.loop.train(cfg)`: all epochs in this process (DDP under torchrun); `run_training` is the
   per-worker loop; `evaluate`, `TrainingDiverged`.
 - `vmrnn.train.ray_train`: `build_trainer`, `train_loop_per_worker`, `fit` (Ray Train V2 TorchTrainer).
-- `vmrnn.train.tracking.Tracker`: the rank-0 MLflow run; `vmrnn.train.export.load_forecaster`.
+- `vmrnn.train.export`: the deployable `Forecaster` and loading it from a checkpoint (MLflow: `vmrnn.tracking`).
 - `python -m vmrnn.train.torchrun_main`: the torchrun entry.
 
 Nothing here imports Ray or MLflow at package import; see docs/TRAINING.md.

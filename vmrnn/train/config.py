@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 from vmrnn.data import DATASETS, dataset_names, dataset_spec
 from vmrnn.data.remote import is_remote
 from vmrnn.models import ConfigError
+from vmrnn.tracking.uris import absolute_tracking_uri, default_tracking_uri
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adam", "adamw"),
@@ -255,31 +255,6 @@ def _custom_patch(height: int, width: int) -> int:
         if height % p == 0 and (height // p) % 2 == 0:
             return p
     raise TrainConfigError(f"no patch size in (2, 4, 8) gives an even token grid for {height}x{width} frames")
-
-
-def default_tracking_uri() -> str:
-    """MLflow's own default store: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (artifacts ./mlruns)."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def absolute_tracking_uri(uri: str) -> str:
-    """Make a local store URI absolute (sqlite:///rel.db, file:rel, or a bare path)."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        rel = uri[len("sqlite:///"):]
-        if rel and not rel.startswith(":memory:"):
-            return f"sqlite:///{Path(rel).expanduser().resolve()}"
-        return uri
-    if uri.startswith("file:"):
-        path = uri[len("file:"):]
-        while path.startswith("//"):
-            path = path[1:]
-        return Path(path).expanduser().resolve().as_uri()
-    if "://" not in uri and not uri.startswith(("databricks", "file:")):
-        return Path(uri).expanduser().resolve().as_uri()
-    return uri
 
 
 # ---------------------------------------------------------------------- type coercion and --set parsing

@@ -208,7 +208,7 @@ def run_training(cfg: TrainConfig, env: DistEnv | None = None, *, resume: dict[s
     """Train `cfg.epochs` epochs from `resume` (a checkpoint state) or from scratch, on this worker.
 
     `on_epoch_end` is called on every rank after each epoch (metrics already summed over ranks);
-    `tracker` (rank 0) is an opened `vmrnn.train.tracking.Tracker` or None. Raises `TrainingDiverged`.
+    `tracker` (rank 0) is an opened `vmrnn.tracking.runs.RunTracker` or None. Raises `TrainingDiverged`.
     """
     cfg = cfg.resolved()  # idempotent: fills whatever a caller left unset
     env = env or current_env(cfg.device)
@@ -424,11 +424,11 @@ def train(cfg: TrainConfig | dict[str, Any], *, resume_from: str | None = None, 
 
     tracker, error = None, None
     if cfg.tracking and env.is_main:
-        from vmrnn.train.tracking import Tracker
+        from vmrnn.tracking.runs import RunTracker
 
         try:
-            tracker = Tracker.open(cfg, run_id=(state or {}).get("mlflow_run_id"),
-                                   history=(state or {}).get("history", []))
+            tracker = RunTracker.open(cfg, run_id=(state or {}).get("mlflow_run_id"),
+                                      history=(state or {}).get("history", []))
         except Exception as exc:  # the other ranks must not wait for rank 0 in a collective
             error = exc
     if env.distributed:

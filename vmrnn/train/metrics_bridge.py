@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from vmrnn.metrics import MetricAccumulator
 from vmrnn.train.distributed import DistEnv, all_reduce_tensor_
 
 
-def make_accumulator(mode: str, n_frames: int) -> Any:
-    from vmrnn.metrics import MetricAccumulator
-
+def make_accumulator(mode: str, n_frames: int) -> MetricAccumulator:
     # n_frames up front: a rank that sees no batch must still take part in the all-reduce.
     return MetricAccumulator(mode=mode, n_frames=n_frames)
 
 
-def all_reduce(acc: Any, env: DistEnv) -> None:
+def all_reduce(acc: MetricAccumulator, env: DistEnv) -> None:
     """Sum the accumulator's state over ranks (in place); the same as one pass over all the data."""
     if not env.distributed:
         return
@@ -23,7 +22,7 @@ def all_reduce(acc: Any, env: DistEnv) -> None:
     acc.load_state_tensor(state)
 
 
-def compute(acc: Any) -> dict[str, Any]:
+def compute(acc: MetricAccumulator) -> dict[str, Any]:
     """{'mse', 'mae', 'ssim', 'psnr', 'count'} plus per-lead-time lists '<metric>_by_lead'."""
     if acc.count == 0:
         out: dict[str, Any] = {k: float("nan") for k in ("mse", "mae", "ssim", "psnr")}

@@ -145,10 +145,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         log.info("resuming from %s (epoch %d)", resume.get("path"), resume["epoch"])
     tracker = None
     if cfg.tracking and env.is_main:
-        from vmrnn.train.tracking import Tracker
+        from vmrnn.tracking.runs import RunTracker
 
-        tracker = Tracker.open(cfg, run_id=(resume or {}).get("mlflow_run_id"),
-                               history=(resume or {}).get("history", []))
+        tracker = RunTracker.open(cfg, run_id=(resume or {}).get("mlflow_run_id"),
+                                  history=(resume or {}).get("history", []))
 
     def on_epoch_end(res: EpochResult) -> None:
         with tempfile.TemporaryDirectory(prefix="vmrnn-ckpt-") as d:
@@ -211,10 +211,9 @@ def prepare_config(cfg: TrainConfig | dict[str, Any]) -> TrainConfig:
     # Missing or malformed data is a DataError here, once, not a worker failure that Ray retries.
     open_store(cfg.dataset, cfg.data_dir, cfg.data_options.get("prepared", "auto"))
     if cfg.tracking:
-        from vmrnn.train.tracking import configure_client_env, ensure_experiment
+        from vmrnn.tracking.experiments import default_experiment, ensure_experiment
 
-        configure_client_env(cfg.tracking_uri or "")
-        ensure_experiment(cfg.tracking_uri or "", cfg.experiment or f"vmrnn-{cfg.dataset}")
+        ensure_experiment(cfg.tracking_uri or "", cfg.experiment or default_experiment(cfg.dataset))
     return cfg
 
 

@@ -39,7 +39,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from vmrnn.data.errors import DataError
     from vmrnn.models import ConfigError
-    from vmrnn.train.tracking import TrackingUnavailable
+    from vmrnn.tracking.uris import TrackingUnavailable
 
     return (ConfigError, DataError, FileNotFoundError, TrackingUnavailable)
 

@@ -1,28 +1,34 @@
-"""Names and defaults shared by the sweep machinery: metric, MLflow tags, smoke settings, storage."""
+"""Names and defaults shared by the sweep machinery: metric, trial statuses, smoke settings, storage (the
+MLflow tag names are vmrnn.tracking.tags)."""
 
 from __future__ import annotations
 
 import os
+
+# The sweep modules read these MLflow names as D.<NAME>; they are defined once, in vmrnn.tracking.
+from vmrnn.tracking.experiments import default_experiment  # noqa: F401
+from vmrnn.tracking.tags import (  # noqa: F401
+    CHALLENGER,
+    CHAMPION,
+    ROLE_SWEEP,
+    ROLE_TRIAL,
+    TAG_DATASET,
+    TAG_ERROR,
+    TAG_EVAL_DATA,
+    TAG_ROLE,
+    TAG_RUN_KEY,
+    TAG_SWEEP,
+    TAG_SWEEP_STATUS,
+    TAG_TRIAL_ID,
+    TAG_TRIAL_STATUS,
+)
+from vmrnn.tracking.uris import default_tracking_uri  # noqa: F401
 
 # The metric every sweep optimises, and its direction. The training layer reports it once per epoch.
 METRIC = "val_mse"
 MODE = "min"
 TIME_ATTR = "epoch"  # ASHA's clock: the training layer's epoch counter (0-based; see scheduler.py)
 REPORTED_METRICS = ("val_mse", "val_mae", "val_ssim", "val_psnr", "train_loss")
-
-# MLflow tags. `mlflow.parentRunId` and `vmrnn.run_key` are set on the trial runs by the training layer
-# (from TrainConfig.parent_run_id / run_key); the sweep machinery sets the others.
-TAG_SWEEP = "vmrnn.sweep"  # the sweep name, on the parent and on every trial run
-TAG_ROLE = "vmrnn.role"  # "sweep" on the parent, "trial" on the trial runs
-TAG_DATASET = "vmrnn.dataset"
-TAG_TRIAL_ID = "vmrnn.trial_id"
-TAG_TRIAL_STATUS = "vmrnn.trial_status"  # RUNNING | FINISHED | PRUNED | FAILED
-TAG_RUN_KEY = "vmrnn.run_key"
-TAG_ERROR = "vmrnn.error"
-TAG_SWEEP_STATUS = "vmrnn.sweep_status"  # RUNNING | FINISHED | INTERRUPTED | FAILED
-TAG_EVAL_DATA = "vmrnn.eval_data"  # "real" | "synthetic": what val_mse was measured on
-ROLE_SWEEP = "sweep"
-ROLE_TRIAL = "trial"
 
 TRIAL_RUNNING = "RUNNING"
 TRIAL_FINISHED = "FINISHED"
@@ -32,16 +38,8 @@ TRIAL_PENDING = "PENDING"
 # MLflow run status per trial status (a pruned trial was stopped by ASHA: KILLED).
 MLFLOW_STATUS = {TRIAL_FINISHED: "FINISHED", TRIAL_PRUNED: "KILLED", TRIAL_FAILED: "FAILED"}
 
-# Model registry.
-CHAMPION = "champion"
-CHALLENGER = "challenger"
-
 
 def registered_model_name(dataset: str) -> str:
-    return f"vmrnn-{dataset}"
-
-
-def default_experiment(dataset: str) -> str:
     return f"vmrnn-{dataset}"
 
 
@@ -49,26 +47,9 @@ def default_sweep_name(dataset: str, smoke: bool) -> str:
     return f"{dataset}-smoke" if smoke else f"{dataset}-sweep"
 
 
-def model_artifact_path() -> str:
-    """Where the training layer logs the best model inside a run (its constant when it defines one)."""
-    try:
-        from vmrnn.train.tracking import MODEL_ARTIFACT_PATH
-    except ImportError:
-        return "model"
-    return MODEL_ARTIFACT_PATH
-
-
 def default_storage_path() -> str:
     """Ray's own default (absolute, so it survives `ray job submit`'s temporary working dir)."""
     return os.environ.get("VMRNN_STORAGE_PATH") or os.path.expanduser("~/ray_results")
-
-
-def default_tracking_uri() -> str:
-    """$MLFLOW_TRACKING_URI, else MLflow's default store made absolute: sqlite:///<cwd>/mlflow.db."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return "sqlite:///" + os.path.join(os.getcwd(), "mlflow.db")
 
 
 def smoke_cache_dir() -> str:

@@ -157,8 +157,8 @@ class TrialStatusToMLflow(Callback):
     def _mark(self, trial, status: str, error: str | None = None) -> None:
         try:
             if self._tracker is None:
-                from vmrnn.tune.tracking import Tracker
-                self._tracker = Tracker(self.tracking_uri, self.experiment)
+                from vmrnn.tracking.sweeps import SweepTracker
+                self._tracker = SweepTracker(self.tracking_uri, self.experiment)
             self._tracker.mark_trial(sweep=self.sweep, trial_id=trial.trial_id, status=status,
                                      parent_run_id=self.parent_run_id, error=error,
                                      params=dict(trial.config or {}))

@@ -11,7 +11,7 @@ from typing import Any
 
 from vmrnn.tune import defaults as D
 from vmrnn.tune.spaces import split_params
-from vmrnn.tune.tracking import run_key
+from vmrnn.tracking.sweeps import run_key
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from vmrnn.tracking import tags as T
+from vmrnn.tracking import uris
+from vmrnn.tracking.uris import pinned_tracking_uri
 from vmrnn.tune import defaults as D
 from vmrnn.tune.values import finite_float
 
-METRIC_TAGS = ("val_mse", "val_mae", "val_ssim", "val_psnr")
+# MLflow is imported inside the functions that call it: importing this module does not import MLflow.
 
 
 @dataclass(frozen=True)
@@ -88,57 +91,54 @@ def register_best(tracking_uri: str, *, dataset: str, run_id: str, val_mse: floa
     aliases by the rules above."""
     import mlflow
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     name = name or D.registered_model_name(dataset)
-    artifact_path = artifact_path or D.model_artifact_path()
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    artifact_path = artifact_path or T.MODEL_ARTIFACT_PATH
+    client = uris.client(tracking_uri)
     try:
-        client.create_registered_model(name, tags={D.TAG_DATASET: dataset},
+        client.create_registered_model(name, tags={T.TAG_DATASET: dataset},
                                        description=f"VMRNN forecaster for {dataset}, from vmrnn sweeps")
     except MlflowException as exc:
         if "ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
             raise
 
     tags: dict[str, str] = {k: f"{finite_float(v):.8g}" for k, v in (metrics or {}).items()
-                            if k in METRIC_TAGS and finite_float(v) is not None}
-    tags.update({"val_mse": f"{val_mse:.8g}", D.TAG_SWEEP: sweep, D.TAG_TRIAL_ID: trial_id,
-                 D.TAG_DATASET: dataset, D.TAG_EVAL_DATA: eval_data})
+                            if k in T.VERSION_METRIC_TAGS and finite_float(v) is not None}
+    tags.update({"val_mse": f"{val_mse:.8g}", T.TAG_SWEEP: sweep, T.TAG_TRIAL_ID: trial_id,
+                 T.TAG_DATASET: dataset, T.TAG_EVAL_DATA: eval_data})
     if config:
-        tags["config"] = json.dumps(config, sort_keys=True, default=str)[:5000]
+        tags[T.TAG_VERSION_CONFIG] = json.dumps(config, sort_keys=True, default=str)[:5000]
 
     existing = list(client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"))
     reused = bool(existing)
     if existing:
         mv = max(existing, key=lambda v: int(v.version))
     else:
-        from vmrnn.train.tracking import pinned_tracking_uri
-
         with pinned_tracking_uri(tracking_uri):
             mv = mlflow.register_model(f"runs:/{run_id}/{artifact_path}", name, tags=tags)
     for key, value in tags.items():
         if mv.tags.get(key) != value:
             client.set_model_version_tag(name, mv.version, key, value)
 
-    champion = _get_alias(client, name, D.CHAMPION)
+    champion = _get_alias(client, name, T.CHAMPION)
     prev_version = str(champion.version) if champion else None
     prev_mse = _version_mse(client, champion) if champion else None
     if champion is not None and str(champion.version) == str(mv.version):
         promote, reason = True, "already the champion"
     else:
         promote, reason = decide(val_mse, eval_data, prev_mse,
-                                 champion.tags.get(D.TAG_EVAL_DATA) if champion else None,
+                                 champion.tags.get(T.TAG_EVAL_DATA) if champion else None,
                                  champion is not None)
     if promote:
-        client.set_registered_model_alias(name, D.CHAMPION, mv.version)
-        challenger = _get_alias(client, name, D.CHALLENGER)
+        client.set_registered_model_alias(name, T.CHAMPION, mv.version)
+        challenger = _get_alias(client, name, T.CHALLENGER)
         if challenger is not None and str(challenger.version) == str(mv.version):
-            client.delete_registered_model_alias(name, D.CHALLENGER)
-        alias = D.CHAMPION
+            client.delete_registered_model_alias(name, T.CHALLENGER)
+        alias = T.CHAMPION
     else:
-        client.set_registered_model_alias(name, D.CHALLENGER, mv.version)
-        alias = D.CHALLENGER
-    client.set_model_version_tag(name, mv.version, "vmrnn.alias_decision", reason[:4900])
+        client.set_registered_model_alias(name, T.CHALLENGER, mv.version)
+        alias = T.CHALLENGER
+    client.set_model_version_tag(name, mv.version, T.TAG_ALIAS_DECISION, reason[:4900])
     return Registration(name=name, version=str(mv.version), alias=alias,
                         model_uri=f"models:/{name}/{mv.version}",
                         previous_champion=prev_version,

@@ -1,4 +1,4 @@
-"""MLflow tracking for one training run (rank 0 only).
+"""MLflow tracking for one training run (rank 0 only): `RunTracker`.
 
 One MLflow run per training run. It is found again after a restart, first by the run id stored in the
 checkpoint, then by the tag `vmrnn.run_key`, else created. Params are the full resolved config
@@ -6,149 +6,44 @@ checkpoint, then by the tag `vmrnn.run_key`, else created. Params are the full r
 pair is logged once: on (re)start the run's metric history is read, and epochs that the checkpoint's
 history has but MLflow lacks are backfilled, while epochs MLflow already has are never logged again.
 
-Outages: a tracking *server* that cannot be reached at start is an error within seconds
-(`TrackingUnavailable`, naming the URI). Later failures do not stop training: metrics and artifacts are
-buffered and retried with exponential back-off (1 s .. 60 s) at each epoch; `finish()` keeps trying for
-VMRNN_MLFLOW_FLUSH_TIMEOUT_S (default 60 s), then writes what is still unsent to a JSON file and warns.
-Per-request retries of the MLflow client are bounded (MLFLOW_HTTP_REQUEST_MAX_RETRIES=1,
-MLFLOW_HTTP_REQUEST_TIMEOUT=10 unless already set) so that a dead server costs seconds, not minutes.
+Outages: a tracking store that cannot be reached at start is an error within seconds
+(`TrackingUnavailable`, naming the URI; see vmrnn.tracking.uris). Later failures do not stop training:
+metrics and artifacts are buffered and retried with exponential back-off (1 s .. 60 s) at each epoch;
+`finish()` keeps trying for VMRNN_MLFLOW_FLUSH_TIMEOUT_S (default 60 s), then writes what is still unsent
+to a JSON file and warns.
 """
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
 
+import numpy as np
+
+from vmrnn.models import model_config
+from vmrnn.tracking import tags as T
+from vmrnn.tracking import uris
+from vmrnn.tracking.experiments import default_experiment, ensure_experiment
+from vmrnn.tracking.models import log_forecaster_in_run
+from vmrnn.tracking.uris import TrackingUnavailable, strip_credentials
+from vmrnn.train import visualize
 from vmrnn.train.config import TrainConfig, flatten
+from vmrnn.train.export import model_meta
 
 log = logging.getLogger("vmrnn.train")
+# MLflow is imported inside the methods that call it: importing this module does not import MLflow.
 
-RUN_KEY_TAG = "vmrnn.run_key"
-MODEL_TAG = "vmrnn.model_uri"                 # models:/m-... of the logged best model
-MODEL_ARTIFACT_PATH = "model"                 # its name in the run: runs:/<run_id>/model
-FAILURE_TAG = "vmrnn.failure_reason"
-RESTARTS_TAG = "vmrnn.restarts"  # times the run was continued after a stop (worker failure, resume)
-PARENT_TAG = "mlflow.parentRunId"
-SECRET_RE = re.compile(r"(secret|token|passw|credential|api[_-]?key|access[_-]?key|private[_-]?key|auth)", re.I)
+# MLflow error codes that a retry cannot fix: the operation is dropped, not buffered.
 _PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
                     "BAD_REQUEST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED"}
-MAX_PARAM_LEN = 6000
-
-
-class TrackingUnavailable(RuntimeError):
-    """The MLflow tracking store cannot be reached or opened (the message names the URI)."""
-
-
-# ---------------------------------------------------------------------- helpers
-
-def is_remote(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
-
-
-def strip_credentials(uri: str) -> str:
-    """Drop user:password@ from a URI (for messages and params)."""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return uri
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-    return uri
-
-
-def redact(key: str, value: str) -> str:
-    if SECRET_RE.search(key):
-        return "***"
-    if "://" in value:
-        value = strip_credentials(value)
-    return value[:MAX_PARAM_LEN]
-
-
-def configure_client_env(uri: str) -> None:
-    """Bound the MLflow client's own retries (user settings win)."""
-    os.environ.setdefault("MLFLOW_RECORD_ENV_VARS_IN_MODEL_LOGGING", "false")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if is_remote(uri):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0.5")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-
-
-def check_reachable(uri: str, timeout: float = 5.0,
-                    hint: str = " (or disable tracking: --set tracking=false)") -> None:
-    """Fail fast, naming the URI, when a tracking server does not answer /health; `hint` ends the
-    message (a sweep cannot run without tracking, training can)."""
-    if is_remote(uri):
-        # urllib does not take user:password@ in the host: send them as basic auth, as MLflow's client does
-        parts = urlsplit(uri)
-        request = urllib.request.Request(strip_credentials(uri).rstrip("/") + "/health")
-        if parts.username or parts.password:
-            token = base64.b64encode(f"{unquote(parts.username or '')}:{unquote(parts.password or '')}".encode())
-            request.add_header("Authorization", "Basic " + token.decode())
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 (http(s) only)
-                if resp.status >= 500:
-                    raise OSError(f"HTTP {resp.status}")
-        except (OSError, urllib.error.URLError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise TrackingUnavailable(
-                f"MLflow tracking server {strip_credentials(uri)} is unreachable ({reason}); start it, or point "
-                f"--tracking-uri / MLFLOW_TRACKING_URI at a running server{hint}") from None
-    elif uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        if not db.parent.is_dir():
-            raise TrackingUnavailable(f"MLflow tracking store {uri}: folder {db.parent} does not exist")
-    elif "://" in uri:
-        scheme = uri.split("://", 1)[0].lower()
-        if scheme not in _OTHER_SCHEMES and scheme.split("+")[0] not in _DB_SCHEMES:
-            raise TrackingUnavailable(
-                f"MLflow tracking URI {strip_credentials(uri)} has an unknown scheme {scheme!r}: use "
-                "http(s)://HOST:PORT (a tracking server), sqlite:///PATH/mlflow.db, file:///PATH or a folder")
-
-
-_DB_SCHEMES = ("sqlite", "mysql", "postgresql", "mssql")  # SQLAlchemy stores, with an optional +driver
-_OTHER_SCHEMES = ("file", "databricks", "databricks-uc", "uc")
-
-
-@contextlib.contextmanager
-def pinned_tracking_uri(uri: str):
-    """MLflow's fluent API (log_model, register_model, models:/ downloads) pointed at `uri` for tracking
-    and the registry for a while; the process's own settings (the globals and $MLFLOW_TRACKING_URI) are
-    restored exactly afterwards, not replaced by what they resolved to."""
-    import mlflow
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    old_tracking, old_registry = tracking_utils._tracking_uri, registry_utils._registry_uri
-    old_env = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        tracking_utils._tracking_uri, registry_utils._registry_uri = old_tracking, old_registry
-        if old_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old_env
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -156,50 +51,12 @@ def _retryable(exc: BaseException) -> bool:
     return code not in _PERMANENT_CODES
 
 
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def ensure_experiment(uri: str, name: str) -> str:
-    """The experiment's id, creating it if needed. For a sqlite store its artifacts go to `mlruns/`
-    beside the database (MLflow's own default puts them in ./mlruns of whatever the current folder is)."""
-    configure_client_env(uri)
-    check_reachable(uri)
-    client = _client(uri)
-    try:
-        exp = client.get_experiment_by_name(name)
-        if exp is not None:
-            if exp.lifecycle_stage == "deleted":
-                client.restore_experiment(exp.experiment_id)
-            return exp.experiment_id
-        location = None
-        if uri.startswith("sqlite:///"):
-            db_dir = Path(uri[len("sqlite:///"):]).parent
-            if db_dir.resolve() != Path.cwd().resolve():
-                slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-                location = str(db_dir / "mlruns" / slug)
-        try:
-            return client.create_experiment(name, artifact_location=location)
-        except Exception as exc:  # created concurrently by another trial
-            if getattr(exc, "error_code", "") == "RESOURCE_ALREADY_EXISTS":
-                return client.get_experiment_by_name(name).experiment_id
-            raise
-    except TrackingUnavailable:
-        raise
-    except Exception as exc:
-        raise TrackingUnavailable(f"MLflow tracking store {strip_credentials(uri)} failed: "
-                                  f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
-
-
 def config_params(cfg: TrainConfig) -> dict[str, str]:
-    from vmrnn.models import model_config
-
-    params = {k: redact(k, v) for k, v in flatten(cfg.to_dict()).items()}
+    """The run's params: the resolved config and the model config it builds, flattened, secrets redacted."""
+    params = {k: T.redact(k, v) for k, v in flatten(cfg.to_dict()).items()}
     try:
         mc = model_config(cfg.preset, **cfg.model).to_dict()
-        params.update({f"model_config.{k}": redact(k, v) for k, v in flatten(mc).items()})
+        params.update({f"model_config.{k}": T.redact(k, v) for k, v in flatten(mc).items()})
     except Exception:
         pass
     return params
@@ -214,7 +71,7 @@ class _Op:
     key: str | None = None  # a later op with the same key replaces a pending one
 
 
-class Tracker:
+class RunTracker:
     """Rank-0 MLflow logger of one training run, resilient to tracking outages."""
 
     def __init__(self, cfg: TrainConfig, client: Any, uri: str, experiment_id: str, run_id: str) -> None:
@@ -231,11 +88,12 @@ class Tracker:
 
     # ---- opening
     @classmethod
-    def open(cls, cfg: TrainConfig, run_id: str | None = None, history: Iterable[dict[str, Any]] = ()) -> Tracker:
+    def open(cls, cfg: TrainConfig, run_id: str | None = None,
+             history: Iterable[dict[str, Any]] = ()) -> RunTracker:
         """Find or create the run (checkpoint run id > run_key tag > new), log params, backfill history."""
         uri = cfg.tracking_uri or ""
-        exp_id = ensure_experiment(uri, cfg.experiment or f"vmrnn-{cfg.dataset}")
-        client = _client(uri)
+        exp_id = ensure_experiment(uri, cfg.experiment or default_experiment(cfg.dataset))
+        client = uris.client(uri)
         try:
             run = None
             if run_id:
@@ -248,15 +106,14 @@ class Tracker:
                         raise
                     run = None
             if run is None and cfg.run_key:
-                found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{cfg.run_key}'",
+                found = client.search_runs([exp_id], filter_string=f"tags.`{T.TAG_RUN_KEY}` = '{cfg.run_key}'",
                                            max_results=1)
                 run = found[0] if found else None
             if run is None:
-                tags = {RUN_KEY_TAG: cfg.run_key or "", "vmrnn.dataset": cfg.dataset,
-                        "vmrnn.preset": str(cfg.preset)}
-                tags.update({k: redact(k, str(v)) for k, v in cfg.tags.items()})
+                tags = {T.TAG_RUN_KEY: cfg.run_key or "", T.TAG_DATASET: cfg.dataset, T.TAG_PRESET: str(cfg.preset)}
+                tags.update({k: T.redact(k, str(v)) for k, v in cfg.tags.items()})
                 if cfg.parent_run_id:
-                    tags[PARENT_TAG] = cfg.parent_run_id
+                    tags[T.TAG_PARENT_RUN] = cfg.parent_run_id
                 name = cfg.run_name or f"{cfg.dataset}-{cfg.preset}-{(cfg.run_key or '')[:8]}".rstrip("-")
                 run = client.create_run(exp_id, run_name=name, tags=tags)
                 log.info("MLflow run %s (%s) in experiment %s at %s", run.info.run_id, name, cfg.experiment,
@@ -267,12 +124,12 @@ class Tracker:
                 # A restart (worker failure, resumed sweep or --resume) is visible on the run: how many,
                 # from which epoch, and the failure that caused it (no longer the run's failure reason).
                 tags = run.data.tags
-                client.set_tag(run.info.run_id, RESTARTS_TAG, str(int(tags.get(RESTARTS_TAG, "0") or 0) + 1))
+                client.set_tag(run.info.run_id, T.TAG_RESTARTS, str(int(tags.get(T.TAG_RESTARTS, "0") or 0) + 1))
                 epochs = [int(h["epoch"]) for h in history if "epoch" in h]
-                client.set_tag(run.info.run_id, "vmrnn.resumed_from_epoch", str(max(epochs)) if epochs else "none")
-                if tags.get(FAILURE_TAG):
-                    client.set_tag(run.info.run_id, "vmrnn.previous_failure", tags[FAILURE_TAG][:5000])
-                    client.delete_tag(run.info.run_id, FAILURE_TAG)
+                client.set_tag(run.info.run_id, T.TAG_RESUMED_FROM_EPOCH, str(max(epochs)) if epochs else "none")
+                if tags.get(T.TAG_FAILURE):
+                    client.set_tag(run.info.run_id, T.TAG_PREVIOUS_FAILURE, tags[T.TAG_FAILURE][:5000])
+                    client.delete_tag(run.info.run_id, T.TAG_FAILURE)
                 log.info("continuing MLflow run %s", run.info.run_id)
             self = cls(cfg, client, uri, exp_id, run.info.run_id)
             self._log_params(run)
@@ -296,7 +153,7 @@ class Tracker:
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
         for k, v in changed.items():  # MLflow params are immutable: record the new value as a tag
-            self.client.set_tag(self.run_id, f"vmrnn.param_changed.{k}", v[:5000])
+            self.client.set_tag(self.run_id, T.TAG_PARAM_CHANGED + k, v[:5000])
 
     def _load_logged(self, history: Iterable[dict[str, Any]]) -> None:
         keys = set()
@@ -397,8 +254,6 @@ class Tracker:
     def log_best_epoch(self, epoch: int, vis: tuple[Any, Any, Any] | None, val: dict[str, Any],
                        n_input: int) -> None:
         """New best validation epoch: refresh the forecast pictures and the lead-time curves."""
-        from vmrnn.train import visualize
-
         d = self._staging / f"best_{epoch:04d}"
         d.mkdir(parents=True, exist_ok=True)
         title = f"epoch {epoch}  val_mse {val.get('mse', float('nan')):.4g}"
@@ -420,13 +275,11 @@ class Tracker:
                     d, [visualize.LEAD_FILE, "val_lead_time_metrics.json"], "metrics"), key="lead"))
             except Exception as exc:
                 log.warning("could not draw the lead-time plot: %s", exc)
-        self._submit(_Op("best-epoch tags", lambda: self.client.set_tag(self.run_id, "vmrnn.best_epoch", str(epoch)),
+        self._submit(_Op("best-epoch tags", lambda: self.client.set_tag(self.run_id, T.TAG_BEST_EPOCH, str(epoch)),
                          key="best_tag"))
         self.pump()
 
     def log_test(self, test: dict[str, Any], epoch: int) -> None:
-        from vmrnn.train import visualize
-
         per_lead = {k: v for k, v in test.items() if isinstance(v, list)}
         d = self._staging / "test"
         d.mkdir(parents=True, exist_ok=True)
@@ -450,17 +303,13 @@ class Tracker:
 
     def log_model(self, best_state: dict[str, Any], model_cfg: dict[str, Any], spec: Any, val_ds: Any) -> str | None:
         """Log the best weights as an MLflow model (once per run); returns its URI."""
-        import numpy as np
-
-        from vmrnn.train.export import log_forecaster_to_mlflow, model_meta
-
         if not self.flush():
             log.warning("MLflow unreachable: the model is not logged (it stays in the checkpoint)")
             return None
         try:
             run = self.client.get_run(self.run_id)
-            if MODEL_TAG in run.data.tags:
-                return run.data.tags[MODEL_TAG]
+            if T.TAG_MODEL_URI in run.data.tags:
+                return run.data.tags[T.TAG_MODEL_URI]
         except Exception:
             pass
         k = min(2, len(val_ds))
@@ -471,15 +320,11 @@ class Tracker:
                           {"run_id": self.run_id, "train": {k2: v for k2, v in config_params(self.cfg).items()}})
 
         def do() -> str:
-            import mlflow
-
-            with pinned_tracking_uri(self.uri):
-                with mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None):
-                    info, fmt = log_forecaster_to_mlflow(best_state, meta, example, fmt=self.cfg.model_format,
-                                                         name=MODEL_ARTIFACT_PATH)
-            self.client.set_tag(self.run_id, MODEL_TAG, info.model_uri)
-            self.client.set_tag(self.run_id, "vmrnn.model_format", fmt)
-            return info.model_uri
+            model_uri, fmt = log_forecaster_in_run(self.uri, self.run_id, best_state, meta, example,
+                                                   fmt=self.cfg.model_format, name=T.MODEL_ARTIFACT_PATH)
+            self.client.set_tag(self.run_id, T.TAG_MODEL_URI, model_uri)
+            self.client.set_tag(self.run_id, T.TAG_MODEL_FORMAT, fmt)
+            return model_uri
 
         t0 = time.perf_counter()
         deadline = time.monotonic() + float(os.environ.get("VMRNN_MLFLOW_FLUSH_TIMEOUT_S", "60"))
@@ -501,7 +346,7 @@ class Tracker:
 
     def fail(self, exc: BaseException) -> None:
         reason = f"{type(exc).__name__}: {exc}"
-        self._submit(_Op("failure reason", lambda: self.client.set_tag(self.run_id, FAILURE_TAG, reason[:5000])))
+        self._submit(_Op("failure reason", lambda: self.client.set_tag(self.run_id, T.TAG_FAILURE, reason[:5000])))
         self._close("FAILED", timeout=10.0)
 
     def _close(self, status: str, timeout: float | None = None) -> None:

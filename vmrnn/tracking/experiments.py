@@ -1,0 +1,67 @@
+"""MLflow experiments: found by name or created, with one rule for training runs and sweeps alike.
+
+- A deleted experiment is never used nor silently restored (that would bring back the runs someone
+  deleted): `ExperimentDeleted` says how to restore it or to pick another name, as MLflow itself does.
+- A new experiment of a sqlite store keeps its artifacts beside the database, in mlruns/<experiment name>;
+  MLflow's default is ./mlruns of whichever process creates the experiment, so that a sweep, its trials'
+  workers and later runs started from other folders would disagree. Other stores choose for themselves.
+"""
+
+from __future__ import annotations
+
+import re
+
+from vmrnn.tracking.uris import (
+    TRAIN_HINT,
+    TrackingUnavailable,
+    check_reachable,
+    client,
+    configure_client_env,
+    sqlite_path,
+    strip_credentials,
+)
+
+
+class ExperimentDeleted(TrackingUnavailable):
+    """The experiment asked for exists but is deleted (the message says how to restore it)."""
+
+
+def default_experiment(dataset: str) -> str:
+    return f"vmrnn-{dataset}"
+
+
+def artifact_location(uri: str, name: str) -> str | None:
+    """Where a new experiment named `name` keeps its artifacts in the store `uri` (None: the store decides)."""
+    db = sqlite_path(uri)
+    if db is None:
+        return None
+    folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip(".") or "_"
+    return str(db.expanduser().resolve().parent / "mlruns" / folder)
+
+
+def ensure_experiment(uri: str, name: str, *, hint: str = TRAIN_HINT) -> str:
+    """The id of experiment `name` in the store `uri`, created if needed. Raises `TrackingUnavailable`
+    (naming the URI; `hint` ends the message of an unreachable server) or `ExperimentDeleted`."""
+    configure_client_env(uri)
+    check_reachable(uri, hint=hint)
+    mlflow_client = client(uri)
+    try:
+        exp = mlflow_client.get_experiment_by_name(name)
+        if exp is None:
+            try:
+                return mlflow_client.create_experiment(name, artifact_location=artifact_location(uri, name))
+            except Exception:  # created concurrently by another trial or worker
+                exp = mlflow_client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+        if exp.lifecycle_stage == "deleted":
+            raise ExperimentDeleted(
+                f"MLflow experiment {name!r} in {strip_credentials(uri)} is deleted: restore it "
+                f"(MLFLOW_TRACKING_URI=... mlflow experiments restore --experiment-id {exp.experiment_id}) "
+                "or choose another experiment name")
+        return exp.experiment_id
+    except TrackingUnavailable:
+        raise
+    except Exception as exc:
+        raise TrackingUnavailable(f"MLflow tracking store {strip_credentials(uri)} failed: "
+                                  f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc

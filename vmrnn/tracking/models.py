@@ -1,0 +1,124 @@
+"""The forecaster as an MLflow model: logging it into a run, and loading a forecaster from anything a user
+names (an MLflow model URI, a downloaded MLflow model folder, or a local training checkpoint).
+
+MLflow format (see docs/TRAINING.md, "Model format"): `mlflow.pytorch.log_model` with
+`serialization_format="pt2"` (MLflow 3's default: a `torch.export` program, no pickle, loads without
+vmrnn installed) of a CPU copy using the pure-PyTorch scan, with a dynamic batch dimension; the
+vmrnn weights and config ride along as `extra_files`, so `load_forecaster` rebuilds the eager model
+(any device, any horizon, the CUDA scan). `model_format="pickle"` logs the eager module with
+cloudpickle instead (seconds instead of ~20-90 s of export on a CPU; needs vmrnn to load).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vmrnn.tracking.uris import default_tracking_uri, pinned_tracking_uri
+from vmrnn.train.export import (
+    META_FILE,
+    WEIGHTS_FILE,
+    LoadedForecaster,
+    build_forecaster,
+    load_checkpoint_forecaster,
+    load_weights_dir,
+)
+
+log = logging.getLogger("vmrnn.train")
+# MLflow is imported inside the functions that call it: importing this module does not import MLflow.
+
+
+def log_forecaster(state: dict[str, Tensor], meta: dict[str, Any], example: np.ndarray, *,
+                   fmt: str = "pt2", name: str = "model") -> tuple[Any, str]:
+    """Log into the *active* MLflow run. Returns (ModelInfo, the format actually used)."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    fc = build_forecaster(state, meta["model"], meta["n_input"], meta["n_future"], "cpu", scan_backend="torch")
+    _, t_in, c, h, w = example.shape
+    sig = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, t_in, c, h, w))]),
+                         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, meta["n_future"], c, h, w))]))
+    example = np.ascontiguousarray(example, dtype=np.float32)
+    torch_req = f"torch=={torch.__version__.split('+')[0]}"
+    with tempfile.TemporaryDirectory() as tmp:
+        wpath, mpath = Path(tmp) / WEIGHTS_FILE, Path(tmp) / META_FILE
+        torch.save(state, wpath)
+        mpath.write_text(json.dumps(meta, indent=2, default=str))
+        common = dict(name=name, signature=sig, input_example=example, extra_files=[str(wpath), str(mpath)])
+        # MLflow validates the serving example by loading the model back; its warning on failure is noise.
+        logging.getLogger("mlflow.models.model").setLevel(logging.ERROR)
+        if fmt == "pt2":
+            try:
+                # validate_serving_input=False: MLflow would load the exported program back and run it once
+                # more (seconds); the pt2 branch of save_model takes no other extra kwargs.
+                info = mlflow.pytorch.log_model(fc, serialization_format="pt2", validate_serving_input=False,
+                                                pip_requirements=[torch_req, "numpy"], **common)
+                return info, "pt2"
+            except Exception as exc:  # a model torch.export cannot trace: keep training's result anyway
+                log.warning("torch.export of the forecaster failed (%s: %s); logging it with pickle instead",
+                            type(exc).__name__, str(exc).splitlines()[0][:300])
+        info = mlflow.pytorch.log_model(fc, serialization_format="pickle",
+                                        pip_requirements=[torch_req, "numpy", "einops", "vmrnn-sweeps"], **common)
+        return info, "pickle"
+
+
+def log_forecaster_in_run(uri: str, run_id: str, state: dict[str, Tensor], meta: dict[str, Any],
+                          example: np.ndarray, *, fmt: str = "pt2", name: str = "model") -> tuple[str, str]:
+    """Log into run `run_id` of the store `uri` (whatever run or URI the process has active stays as it
+    was). Returns (the model's URI, the format actually used)."""
+    import mlflow
+
+    with pinned_tracking_uri(uri):
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+            info, used = log_forecaster(state, meta, example, fmt=fmt, name=name)
+    return info.model_uri, used
+
+
+def load_forecaster(uri_or_path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                    which: str = "best", tracking_uri: str | None = None) -> LoadedForecaster:
+    """Load a forecaster from an MLflow model URI (models:/..., runs:/..., or any artifact URI; resolved
+    against `tracking_uri`, default $MLFLOW_TRACKING_URI else ./mlflow.db), an MLflow model folder, or a
+    local training checkpoint (an epoch dir, a checkpoint root, or a Ray run folder); `which` picks the
+    checkpoint's best (by val_mse) or last weights."""
+    device = torch.device(device)
+    s = str(uri_or_path)
+    is_uri = "://" in s or s.startswith(("models:/", "runs:/"))
+    if not is_uri:
+        p = Path(s).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"no model at {p}: give a checkpoint folder or an MLflow URI "
+                                    "(models:/NAME@ALIAS, runs:/RUN_ID/model)")
+        if (p / "MLmodel").exists():
+            return _from_mlflow_dir(p, device, s)
+        return load_checkpoint_forecaster(p, device, which)
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Resolve the store here, not from mlflow's process-global URIs, which an earlier run may have set;
+    # models:/ URIs are resolved through the registry URI, so both are pinned.
+    tracking_uri = tracking_uri or default_tracking_uri()
+    with pinned_tracking_uri(tracking_uri):
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=s, tracking_uri=tracking_uri))
+    return _from_mlflow_dir(local, device, s)
+
+
+def _from_mlflow_dir(local: Path, device: torch.device, source: str) -> LoadedForecaster:
+    w, m = local / "extra_files" / WEIGHTS_FILE, local / "extra_files" / META_FILE
+    if w.exists() and m.exists():
+        return load_weights_dir(w, m, device, source)
+    import mlflow
+
+    module = mlflow.pytorch.load_model(str(local))
+    meta: dict[str, Any] = json.loads(m.read_text()) if m.exists() else {}
+    n_future = int(meta.get("n_future", getattr(module, "n_future", 0)) or 0)
+    n_input = int(meta.get("n_input", getattr(module, "n_input", 0)) or 0)
+    return LoadedForecaster(module, n_input, n_future, meta, source, torch.device("cpu"))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from vmrnn.models.blocks import DropPath, VMRNNCell, VSSBlock
@@ -17,13 +15,7 @@ from vmrnn.models.official import (
     to_official_state_dict,
 )
 from vmrnn.models.ss2d import SS2D, cross_merge, cross_scan
-from vmrnn.models.vmrnn import VMRNNB, VMRNND, VMRNNBase, rollout_loss
-
-
-def build_model(preset: str | ModelConfig, **overrides: Any) -> VMRNNBase:
-    """Build VMRNN-B or VMRNN-D from a preset name (see PRESETS) or a ModelConfig, plus overrides."""
-    cfg = model_config(preset, **overrides)
-    return VMRNNB(cfg) if cfg.arch == "b" else VMRNND(cfg)
+from vmrnn.models.vmrnn import VMRNNB, VMRNND, VMRNNBase, build_model, rollout_loss
 
 
 def set_scan_backend(model: nn.Module, backend: str) -> nn.Module:

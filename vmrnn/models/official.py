@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from vmrnn.models.config import ModelConfig
+from vmrnn.models.vmrnn import build_model
 
 
 class CheckpointMismatch(ValueError):
@@ -88,8 +89,6 @@ def official_key_map(config: ModelConfig) -> dict[str, str | None]:
 
 def official_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every official key's shape, computed from the config (our model supplies the kept ones)."""
-    from vmrnn.models import build_model  # local: avoids an import cycle
-
     ours = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
     shapes: dict[str, tuple[int, ...]] = {}
     for key, target in official_key_map(config).items():

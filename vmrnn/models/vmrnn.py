@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from vmrnn.models.blocks import VMRNNCell
-from vmrnn.models.config import ModelConfig
+from vmrnn.models.config import ModelConfig, model_config
 from vmrnn.models.patches import PatchEmbed, PatchExpanding, PatchInflate, PatchMerging
 
 
@@ -162,3 +162,9 @@ def rollout_loss(preds: Tensor, frames: Tensor, n_input: int, target: LossTarget
     elif kind != "mse":
         raise ValueError(f"unknown loss kind {kind!r}; choose 'mse' or 'mse+l1'")
     return loss
+
+
+def build_model(preset: str | ModelConfig, **overrides: Any) -> VMRNNBase:
+    """Build VMRNN-B or VMRNN-D from a preset name (see PRESETS) or a ModelConfig, plus overrides."""
+    cfg = model_config(preset, **overrides)
+    return VMRNNB(cfg) if cfg.arch == "b" else VMRNND(cfg)

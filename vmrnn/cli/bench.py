@@ -14,8 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "bench", help="time training steps and rollouts per execution mode against two baselines (GPU)",
         description="For each preset (official batch size, random inputs) time a training step (forward, "
                     "backward, Adam) and an inference rollout in each execution mode, in one process, and "
-                    f"print each mode's ratios against the baselines {', '.join(BASELINES)} (both always "
-                    "measured); write JSON.")
+                    f"print each mode's ratios against the baselines {', '.join(BASELINES)} (measured in every "
+                    "run unless --modes leaves them out); write JSON.")
     p.add_argument("--presets", default="taxibj,kth,mmnist,mmnist-openstl",
                    help=f"comma-separated, from {sorted(SHAPES)}")
     p.add_argument("--modes", default=",".join(DEFAULT_MODES),

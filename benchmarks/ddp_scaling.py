@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vmrnn.metrics import MetricAccumulator  # noqa: E402
 from vmrnn.models import build_model  # noqa: E402
 from vmrnn.train.distributed import current_env, init_from_env  # noqa: E402
+from vmrnn.train.execution import resolve_execution  # noqa: E402
 from vmrnn.train.step import ExecutionConfig, make_forecast, make_train_step  # noqa: E402
 
 FRAMES = {"taxibj": (4, 4), "kth": (10, 20), "mmnist": (10, 10), "mmnist-openstl": (10, 10),
@@ -98,7 +99,8 @@ def check(args) -> dict:
 def speed(args) -> dict:
     started, env, model, n_in, n_out = setup(args)
     cfg = (model.module if hasattr(model, "module") else model).config
-    execution = ExecutionConfig.fast(env.device, checkpoint_steps=args.checkpoint_steps)
+    execution = resolve_execution("fast", {"checkpoint_steps": args.checkpoint_steps}, device_type=env.device.type,
+                                  world_size=env.world_size)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     step = make_train_step(model, opt, n_input=n_in, execution=execution, device=env.device)
     frames = torch.rand(args.batch, n_in + n_out, cfg.in_chans, cfg.img_size, cfg.img_size, device=env.device)

@@ -3,6 +3,9 @@
   python benchmarks/gpu_checks.py presets --out presets.json    # issue #2 part 6: fwd/bwd per preset, cuda scan
   python benchmarks/gpu_checks.py scans --out scans.json        # SS2D layouts and scan kernels, per shape
   python benchmarks/gpu_checks.py scan_variants --out v.json     # segmented-scan plans: check, time, pick
+
+Launch plans are explicit arguments (`vmrnn.ops.scan_plan.scan_plan(..., ck=..., bd=...)` passed as
+`ss2d_scan_triton(..., plan=...)`); nothing global changes how the kernels run.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vmrnn.models import SS2D, build_model, rollout_loss, set_scan_backend  # noqa: E402
 from vmrnn.ops import cuda_scan_available, selective_scan  # noqa: E402
 from vmrnn.ops import ss2d_scan as fs  # noqa: E402
+from vmrnn.ops.scan_plan import scan_plan  # noqa: E402
 from vmrnn.models.ss2d import cross_merge, cross_scan  # noqa: E402
 
 PRESETS = {"taxibj": (16, 4, 4), "kth": (4, 10, 20), "mmnist": (16, 10, 10), "mmnist-openstl": (16, 10, 10)}
@@ -137,8 +141,8 @@ def scans(out, sweep):
                                    True, backend="cuda")
                 return cross_merge(y.reshape(b, 4, d, L), h, w)
 
-            def fused_path():
-                return fs.ss2d_scan_triton(u, delta, A, Bs, Cs, Ds, bias, h, w, True).sum(2)
+            def fused_path(plan=None):
+                return fs.ss2d_scan_triton(u, delta, A, Bs, Cs, Ds, bias, h, w, True, plan=plan).sum(2)
 
             for pname, fn in (("mamba", mamba_path), ("fused", fused_path)):
                 with torch.no_grad():
@@ -151,15 +155,14 @@ def scans(out, sweep):
                 for bd, warps in ((8, 1), (16, 2), (16, 4), (32, 4), (64, 4)):
                     if bd > d:
                         continue
-                    fs.LAUNCH_OVERRIDE.update(bd=bd, warps=warps, u=4, ck=64 if L <= 1024 else 128)
+                    plan = scan_plan(b, L, d, n, bd=bd, warps=warps, u_fwd=4, ck=64 if L <= 1024 else 128)
                     try:
                         with torch.no_grad():
-                            tf = timed(fused_path)
-                        tb = timed(lambda: fused_path().float().square().sum().backward())
+                            tf = timed(lambda: fused_path(plan))
+                        tb = timed(lambda: fused_path(plan).float().square().sum().backward())
                         r[f"sweep-bd{bd}-w{warps}"] = (round(tf, 3), round(tb, 3))
                     except Exception as exc:  # noqa: BLE001
                         r[f"sweep-bd{bd}-w{warps}"] = str(exc)[:200]
-                    fs.LAUNCH_OVERRIDE.clear()
         res["shapes"][name] = r
         print(name, json.dumps(r), flush=True)
         del m, x
@@ -167,25 +170,23 @@ def scans(out, sweep):
     json.dump(res, open(out, "w"), indent=1)
 
 
-# (ck, ub, recomp) candidates for the segmented (chunk-parallel) plan; the first is the previous default
-SEG_VARIANTS = [(64, 4, 0), (64, 4, 1), (64, 8, 1), (128, 4, 1), (32, 4, 1)]
+# (ck, ub) candidates for the segmented (chunk-parallel) plan; the first is the default (scan_plan.SEG_CK/SEG_UB)
+SEG_VARIANTS = [(64, 4), (64, 8), (128, 4), (32, 4)]
 SEG_SHAPES = {"kth": (4, 64, 64, 256), "mmnist-l0": (16, 32, 32, 256), "mmnist-l1": (16, 16, 16, 512)}
 
 
 def scan_variants(out):
     """Check each segmented plan against the torch reference (fp32, small shape) and time it at the
     presets' long-sequence shapes (bf16, forward and forward+backward). Prints the fastest (sum over
-    the KTH and Moving MNIST level-0 shapes) as VMRNN_SS2D_* environment assignments on the last line."""
+    the KTH and Moving MNIST level-0 shapes) as the SEG_CK / SEG_UB of vmrnn/ops/scan_plan.py on the last line."""
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "variants": {}}
     best, best_t = None, float("inf")
-    for ck, ub, rc in SEG_VARIANTS:
-        key = f"ck{ck}-ub{ub}-recomp{rc}"
+    for ck, ub in SEG_VARIANTS:
+        key = f"ck{ck}-ub{ub}"
         r = {}
-        fs.LAUNCH_OVERRIDE.clear()
-        fs.LAUNCH_OVERRIDE.update(ck=ck, ub=ub, recomp=rc)
         try:
-            # correctness first: fp32, 2x32x32 grid, D=64, forced segments
-            g = torch.Generator(device="cuda").manual_seed(ck + ub + rc)
+            # correctness first: fp32, 2x32x32 grid, D=64, segments
+            g = torch.Generator(device="cuda").manual_seed(ck + ub)
             b, h, w, d, n = 2, 32, 32, 64, 16
             L = h * w
             t = [torch.randn(b, L, d, device="cuda", generator=g),
@@ -196,12 +197,14 @@ def scan_variants(out):
                  torch.randn(4 * d, device="cuda", generator=g) * 0.3 - 2.0]
             go = torch.randn(b, L, 4, d, device="cuda", generator=g)
             outs = []
-            for fn in (fs.ss2d_scan_torch, fs.ss2d_scan_triton):
+            plan = scan_plan(b, L, d, n, ck=ck, u_bwd=ub)
+            for backend in ("torch", "triton"):
                 x = [a.clone().requires_grad_(True) for a in t]
-                y = fn(x[0], x[1], x[2], x[3][..., :n], x[3][..., n:], x[4], x[5], h, w, True)
+                y = fs.ss2d_scan(x[0], x[1], x[2], x[3][..., :n], x[3][..., n:], x[4], x[5], h, w, True,
+                                 backend=backend, plan=plan)
                 (y * go).sum().backward()
                 outs.append([y.detach()] + [a.grad for a in x])
-            r["plan_check"] = list(fs.scan_plan(b, L, d, n))
+            r["plan_check"] = list(plan)
             r["max_rel_err"] = max(rel(a, c) for a, c in zip(outs[1], outs[0]))
             if not r["max_rel_err"] < 1e-4:
                 raise RuntimeError(f"wrong: rel err {r['max_rel_err']}")
@@ -216,27 +219,28 @@ def scan_variants(out):
                 bias = (torch.zeros(4 * d, device="cuda") - 2).requires_grad_(True)
                 go = torch.randn(b, L, 4, d, device="cuda", dtype=torch.bfloat16)
 
+                plan = scan_plan(b, L, d, n, ck=ck, u_bwd=ub)
+
                 def f():
-                    return fs.ss2d_scan_triton(u, delta, A, bc[..., :n], bc[..., n:], Ds, bias, h, w, True)
+                    return fs.ss2d_scan_triton(u, delta, A, bc[..., :n], bc[..., n:], Ds, bias, h, w, True, plan=plan)
 
                 with torch.no_grad():
                     tf = timed(f)
                 tb = timed(lambda: f().backward(go))
-                r[name] = {"plan": list(fs.scan_plan(b, L, d, n)), "fwd_ms": round(tf, 3), "fwdbwd_ms": round(tb, 3)}
+                r[name] = {"plan": list(plan), "fwd_ms": round(tf, 3), "fwdbwd_ms": round(tb, 3)}
                 if name != "mmnist-l1":
                     total += tb
             r["score_ms"] = round(total, 3)
             if total < best_t:
-                best, best_t = (ck, ub, rc), total
+                best, best_t = (ck, ub), total
         except Exception as exc:  # noqa: BLE001
             r["error"] = f"{type(exc).__name__}: {exc}"[:300]
-        fs.LAUNCH_OVERRIDE.clear()
         res["variants"][key] = r
         print(key, json.dumps(r), flush=True)
     res["best"] = best
     json.dump(res, open(out, "w"), indent=1)
-    ck, ub, rc = best if best else SEG_VARIANTS[0]
-    print(f"VMRNN_SS2D_CK={ck} VMRNN_SS2D_UB={ub} VMRNN_SS2D_RECOMP={rc}")
+    ck, ub = best if best else SEG_VARIANTS[0]
+    print(f"fastest: SEG_CK = {ck}, SEG_UB = {ub}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The fused SS2D layout and its four-direction scan against the reference dataflow.
 
-- `ss2d_scan_torch` (spatial layout in / out) against the reference cross_scan -> selective_scan ->
+- `ss2d_scan_ref` (spatial layout in / out) against the reference cross_scan -> selective_scan ->
   cross_merge, forward and gradients, in float64 where it matters.
-- The Triton kernel against `ss2d_scan_torch`: on CPU through Triton's interpreter when triton is
+- The Triton kernel against `ss2d_scan_ref`: on CPU through Triton's interpreter when triton is
   installed, and on the GPU (marked gpu).
 - SS2D(impl="fused") against SS2D(impl="reference") on the same weights: outputs and all gradients.
 """
@@ -21,6 +21,7 @@ import torch
 from vmrnn.models import SS2D, cross_merge, cross_scan
 from vmrnn.ops import selective_scan
 from vmrnn.ops import ss2d_scan as fs
+from vmrnn.ops.scan_plan import scan_plan
 
 CUDA = torch.cuda.is_available()
 
@@ -73,7 +74,7 @@ def test_torch_fused_scan_merges_like_cross_merge(h, w):
     Bs, Cs = xdbl[..., 3:3 + n], xdbl[..., 3 + n:]
     y_ref = reference_dataflow(u, delta, A.double(), Bs, Cs, Ds, bias, h, w, True)
     merged_ref = cross_merge(y_ref, h, w)  # (B, D, L)
-    y = fs.ss2d_scan_torch(u, delta, A.double(), Bs, Cs, Ds, bias, h, w, True)
+    y = fs.ss2d_scan_ref(u, delta, A.double(), Bs, Cs, Ds, bias, h, w, True)
     assert y.shape == (b, h * w, 4, d)
     assert torch.allclose(y.sum(2).transpose(1, 2), merged_ref, rtol=1e-10, atol=1e-10)
 
@@ -92,9 +93,9 @@ def test_scan_order_maps_are_adjoint():
 def test_bad_shapes_are_named():
     u, delta, A, xdbl, Ds, bias = make_inputs(0, 1, 2, 2, 4, 2)
     with pytest.raises(ValueError, match="grid"):
-        fs.ss2d_scan_torch(u, delta, A, xdbl[..., 3:5], xdbl[..., 5:], Ds, bias, 3, 2)
+        fs.ss2d_scan_ref(u, delta, A, xdbl[..., 3:5], xdbl[..., 5:], Ds, bias, 3, 2)
     with pytest.raises(ValueError, match="delta"):
-        fs.ss2d_scan_torch(u, delta[:, :, :2], A, xdbl[..., 3:5], xdbl[..., 5:], Ds, bias, 2, 2)
+        fs.ss2d_scan_ref(u, delta[:, :, :2], A, xdbl[..., 3:5], xdbl[..., 5:], Ds, bias, 2, 2)
     with pytest.raises(ValueError, match="unknown SS2D scan backend"):
         fs.ss2d_scan(u, delta, A, xdbl[..., 3:5], xdbl[..., 5:], Ds, bias, 2, 2, backend="cuda")
 
@@ -130,14 +131,15 @@ def _interpreter_checks() -> None:
     b, h, w, d, n = 1, 3, 4, 6, 4
     t = make_inputs(0, b, h, w, d, n, extra=0)
     u, delta, A, xdbl, Ds, bias = [x.requires_grad_(True) for x in t]
-    args = (u, delta, A, xdbl[..., :n], xdbl[..., n:], Ds, bias, h, w, True, True)
-    res = torch.library.opcheck(torch.ops.vmrnn.ss2d_scan_fwd.default, args)
-    assert all(v == "SUCCESS" for v in res.values()), res
-    y, hc = torch.ops.vmrnn.ss2d_scan_fwd(*args)
-    bargs = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in args[:7]) + (
-        hc.detach(), torch.randn_like(y), h, w, True)
-    res = torch.library.opcheck(torch.ops.vmrnn.ss2d_scan_bwd.default, bargs)
-    assert all(v == "SUCCESS" for v in res.values()), res
+    for plan in (None, list(scan_plan(b, h * w, d, n, ck=8, nseg=2))):  # planned in the op, or given
+        args = (u, delta, A, xdbl[..., :n], xdbl[..., n:], Ds, bias, h, w, True, True, plan)
+        res = torch.library.opcheck(torch.ops.vmrnn.ss2d_scan_fwd.default, args)
+        assert all(v == "SUCCESS" for v in res.values()), res
+        y, hc = torch.ops.vmrnn.ss2d_scan_fwd(*args)
+        bargs = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in args[:7]) + (
+            hc.detach(), torch.randn_like(y), h, w, True, plan)
+        res = torch.library.opcheck(torch.ops.vmrnn.ss2d_scan_bwd.default, bargs)
+        assert all(v == "SUCCESS" for v in res.values()), res
     print("ok opcheck", flush=True)
 
 
@@ -145,7 +147,7 @@ def _interpreter_checks() -> None:
 def test_triton_kernels_match_torch_on_cpu_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).resolve().parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("ok") == 3 * len(CASES) + 2
 
@@ -156,7 +158,7 @@ def _check_kernel(b, h, w, d, n, variant, device, tol=2e-5):
               with_bias=variant != "no_d_no_bias")
     if variant == "no_softplus":  # delta + bias must stay positive for a decaying state
         t[1], t[5] = t[1].abs() * 0.2, t[5].abs() * 0.1
-    y0, g0 = run_scan(fs.ss2d_scan_torch, t, h, w, n, **kw)
+    y0, g0 = run_scan(fs.ss2d_scan_ref, t, h, w, n, **kw)
     y1, g1 = run_scan(fs.ss2d_scan_triton, t, h, w, n, **kw)
     assert rel(y1, y0) < tol
     for name, a, r in zip(["u", "delta", "A", "xdbl", "D", "bias"], g1, g0):

@@ -12,7 +12,8 @@ import torch
 
 from vmrnn.models import SS2D, build_model
 from vmrnn.ops import ss2d_scan as fs
-from vmrnn.train.step import ExecutionConfig, configure_model, make_forecast, make_train_step
+from vmrnn.train.execution import MODES, ExecutionConfig
+from vmrnn.train.step import configure_model, make_forecast, make_train_step
 
 CUDA = torch.cuda.is_available()
 
@@ -51,13 +52,12 @@ def assert_close(ref, got, tol):
 
 def test_execution_config_modes():
     ref = ExecutionConfig.reference()
-    assert ref == ExecutionConfig() and not (ref.fused or ref.compile or ref.cuda_graphs)
-    assert ExecutionConfig.fast("cpu") == ref
-    fast = ExecutionConfig.fast("cuda")
+    assert ref == ExecutionConfig() == MODES["reference"] and not (ref.fused or ref.compile or ref.cuda_graphs)
+    fast = MODES["fast"]
     assert fast.precision == "bf16" and fast.fused and fast.cuda_graphs and not fast.compile
-    assert ExecutionConfig.fast("cuda", compile=True).compile
-    assert ExecutionConfig.fast("cuda", checkpoint_steps=True).checkpoint_steps
-    assert fast.describe().startswith("bf16+fused")
+    assert MODES["fast-compile"] == fast.replace(compile=True)
+    assert MODES["fast-ckpt"] == fast.replace(checkpoint_steps=True)
+    assert fast.describe() == "bf16+fused+graphs"
     with pytest.raises(ValueError, match="scan_backend"):
         ExecutionConfig(scan_backend="triton")  # the Triton scan exists only in the fused layout
     with pytest.raises(ValueError, match="scan_backend"):
@@ -134,7 +134,7 @@ def test_gpu_modes_match_reference_fp32(mode):
 @gpu
 def test_gpu_bf16_fast_mode_close_to_reference():
     ref = step_loss_and_grads("taxibj-tiny", ExecutionConfig.reference(), "cuda", batch=4)
-    got = step_loss_and_grads("taxibj-tiny", ExecutionConfig.fast("cuda"), "cuda", batch=4)
+    got = step_loss_and_grads("taxibj-tiny", MODES["fast"], "cuda", batch=4)
     l0, l1 = ref[0], got[0]
     assert abs(l1 - l0) / l0 < 2e-2
     num = sum((got[1][n].float() - ref[1][n]).norm() ** 2 for n in ref[1]) ** 0.5

@@ -124,14 +124,17 @@ def test_secrets_are_redacted():
 
 
 def test_gpu_training_defaults_to_the_optimised_execution_with_a_fallback():
-    from vmrnn.train.step import ExecutionConfig
+    from vmrnn.train.execution import ExecutionConfig
 
     cfg = TrainConfig.from_dict({"dataset": "taxibj", "data_dir": "/nonexistent"})
     assert cfg.execution == "fast"
     fast = cfg.execution_config("cuda")
     assert (fast.precision, fast.fused, fast.cuda_graphs) == ("bf16", True, True)
     assert cfg.execution_config("cpu") == ExecutionConfig.reference()  # nothing to gain on CPU
-    manual = cfg.replace(execution="manual").execution_config("cuda")
-    assert manual == ExecutionConfig.reference()  # the flag to fall back: fp32, official dataflow
+    ref = cfg.replace(execution="reference").execution_config("cuda")
+    assert ref == ExecutionConfig.reference()  # the mode to fall back to: fp32, official dataflow
     kth = cfg.replace(execution="fast", checkpoint_steps=True).execution_config("cuda")
     assert kth.checkpoint_steps and kth.precision == "bf16"
+    # an override changes one field of the mode; the others keep the mode's values
+    assert cfg.replace(precision="fp32").execution_config("cuda") == fast.replace(precision="fp32")
+    assert cfg.replace(execution="reference", fused=True).execution_config("cuda").describe() == "fp32+fused"

@@ -1,9 +1,11 @@
-"""Benchmark and check the execution modes of `vmrnn.train.step` on the official preset shapes.
+"""Benchmark and check the execution modes (`vmrnn.train.execution.MODES`) on the official preset shapes.
 
 For each preset: one model (fixed seed), random inputs in [0, 1) at the official batch size, and for each
 mode, starting from the same weights: a training step (forward, backward, Adam) and an inference rollout,
-each warmed up and then timed with CUDA events (median of many), with the peak memory. The reference mode
-(fp32 eager, official dataflow) runs in the same process and every ratio is against it.
+each warmed up and then timed with CUDA events (median of many), with the peak memory. Two baselines run
+first in the same process, and every mode's ratios are against each of them: ``reference`` (fp32 eager,
+official dataflow) and ``bf16-graphs`` (bf16 + CUDA graphs on the official dataflow with mamba_ssm's
+kernel: what the fused Triton scan has to beat).
 
 ``check`` compares each mode's loss and gradients with the reference on the same weights and inputs
 (drop-path off, learning rate 0 so the weights stay put); ``curve`` trains a mode and the reference for
@@ -26,7 +28,8 @@ import torch
 
 from vmrnn.data import DATASETS
 from vmrnn.models import build_model
-from vmrnn.train.step import ExecutionConfig, make_forecast, make_train_step
+from vmrnn.train.execution import MODES, ExecutionConfig
+from vmrnn.train.step import make_forecast, make_train_step
 
 
 @dataclass(frozen=True)
@@ -47,36 +50,33 @@ SHAPES: dict[str, BenchShape] = {
 }
 
 
-def mode_table() -> dict[str, ExecutionConfig]:
-    """Named modes, from the reference to the default fast one, each adding one optimisation."""
-    ref = ExecutionConfig.reference()
-    return {
-        "reference": ref,
-        "fp32-graphs": ref.replace(cuda_graphs=True),
-        "fp32-fused": ref.replace(fused=True),
-        "fp32-fused-graphs": ref.replace(fused=True, cuda_graphs=True),
-        "bf16": ref.replace(precision="bf16"),
-        "bf16-fused": ref.replace(precision="bf16", fused=True),
-        "bf16-fused-compile": ref.replace(precision="bf16", fused=True, compile=True),
-        "bf16-fused-graphs": ref.replace(precision="bf16", fused=True, cuda_graphs=True),
-        "bf16-graphs": ref.replace(precision="bf16", cuda_graphs=True),
-        "fast": ExecutionConfig.fast("cuda"),
-        "fast-ckpt": ExecutionConfig.fast("cuda", checkpoint_steps=True),
-        "fast-compile": ExecutionConfig.fast("cuda", compile=True),
-    }
-
-
 DEFAULT_MODES = ("reference", "fp32-fused-graphs", "bf16-graphs", "fast", "fast-ckpt")
+# Measured in every run (first), unless --modes names them with a leading "-"; every mode's ratios are
+# against each one measured.
+BASELINES = ("reference", "bf16-graphs")
 
 
 def resolve_modes(names: Sequence[str]) -> dict[str, ExecutionConfig]:
-    table = mode_table()
-    unknown = [n for n in names if n not in table]
+    """The modes to run, in order: the baselines, then `names`; "-NAME" in `names` leaves NAME out."""
+    drop = {n[1:] for n in names if n.startswith("-")}
+    wanted = [n for n in names if not n.startswith("-")]
+    unknown = [n for n in [*wanted, *drop] if n not in MODES]
     if unknown:
-        raise ValueError(f"unknown mode(s) {unknown}; choose from {sorted(table)}")
-    out = {"reference": table["reference"]}
-    out.update({n: table[n] for n in names})
-    return out
+        raise ValueError(f"unknown mode(s) {unknown}; choose from {list(MODES)} (a leading '-' leaves a mode out)")
+    order = [n for n in (*BASELINES, *wanted) if n not in drop]
+    return {n: MODES[n] for n in dict.fromkeys(order)}
+
+
+def validate_request(modes: Sequence[str], *, check: bool = False, curve_modes: Sequence[str] = (),
+                     curve_ref: str = "reference") -> dict[str, ExecutionConfig]:
+    """The modes to run (`resolve_modes`); ValueError naming a mode or combination that does not exist."""
+    table = resolve_modes(modes)
+    for m in (curve_ref, *curve_modes):
+        if m not in MODES:
+            raise ValueError(f"unknown curve mode {m!r}; choose from {list(MODES)}")
+    if check and "reference" not in table:
+        raise ValueError("--check compares every mode with the reference: do not leave it out")
+    return table
 
 
 def _frames(shape: BenchShape, cfg, device, seed: int = 0) -> torch.Tensor:
@@ -248,15 +248,20 @@ def window_means(xs: Sequence[float], window: int) -> list[float]:
 def run_bench(presets: Sequence[str], modes: Sequence[str], *, warmup: int = 3, iters: int = 10,
               check: bool = False, curve_steps: int = 0, curve_presets: Sequence[str] = ("taxibj",),
               curve_modes: Sequence[str] = ("fast",), curve_ref: str = "reference", infer: bool = True,
-              device: str = "cuda", log: Callable[[str], None] = print) -> dict[str, Any]:
+              device: str = "cuda", command: str | None = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Time (and with `check` compare) every mode of `modes` (see `resolve_modes`) on each preset.
+
+    `command`: the command line that asked for this run, kept in the report."""
+    table = validate_request(modes, check=check, curve_modes=curve_modes, curve_ref=curve_ref)
     if not torch.cuda.is_available():
         raise RuntimeError("vmrnn bench needs a CUDA GPU (it times with CUDA events)")
     dev = torch.device(device)
-    table = resolve_modes(modes)
     report: dict[str, Any] = {
-        "date": _dt.date.today().isoformat(), "device": torch.cuda.get_device_name(dev),
+        "command": command, "date": _dt.date.today().isoformat(), "device": torch.cuda.get_device_name(dev),
         "torch": torch.__version__, "cuda": torch.version.cuda, "warmup": warmup, "iters": iters,
-        "modes": {n: m.describe() for n, m in table.items()}, "presets": {},
+        "modes": {n: m.describe() for n, m in table.items()},
+        "baselines": [b for b in BASELINES if b in table], "presets": {},
     }
     try:
         import triton  # noqa: PLC0415
@@ -293,21 +298,15 @@ def run_bench(presets: Sequence[str], modes: Sequence[str], *, warmup: int = 3, 
                     entry["check"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
                     _free()
             pres["modes"][name] = entry
-            ref = pres["modes"].get("reference", {})
-            if "train_ms" in entry and "train_ms" in ref:
-                entry["train_speedup"] = round(ref["train_ms"] / entry["train_ms"], 2)
-                entry["train_mem_ratio"] = round(ref["train_peak_gib"] / entry["train_peak_gib"], 2)
-            if "infer_ms" in entry and "infer_ms" in ref:
-                entry["infer_speedup"] = round(ref["infer_ms"] / entry["infer_ms"], 2)
+            add_ratios(pres["modes"])
             log(format_row(preset, name, entry))
         if curve_steps and preset in curve_presets:
             cfg = build_model(preset).config
             data = synthetic_sequences(256, shape, cfg)
             # The fp32 curve: the reference mode, or (to save time) an fp32 mode checked equal to it.
-            curves = {curve_ref: loss_curve(preset, shape, mode_table()[curve_ref], init_state, dev, curve_steps,
-                                            data)}
+            curves = {curve_ref: loss_curve(preset, shape, MODES[curve_ref], init_state, dev, curve_steps, data)}
             for m in curve_modes:
-                curves[m] = loss_curve(preset, shape, mode_table()[m], init_state, dev, curve_steps, data)
+                curves[m] = loss_curve(preset, shape, MODES[m], init_state, dev, curve_steps, data)
             window = 25
             ref_w = window_means(curves[curve_ref], window)
             summary = {}
@@ -322,13 +321,36 @@ def run_bench(presets: Sequence[str], modes: Sequence[str], *, warmup: int = 3, 
     return report
 
 
+def add_ratios(entries: dict[str, dict[str, Any]]) -> None:
+    """Each measured entry's ratios against each measured baseline, as entry["vs"][baseline]:
+    train_speedup and infer_speedup (baseline time / this time) and train_mem_ratio (baseline peak / this)."""
+    for e in entries.values():
+        vs = {}
+        for base in BASELINES:
+            b = entries.get(base, {})
+            r = {}
+            if "train_ms" in e and "train_ms" in b:
+                r["train_speedup"] = round(b["train_ms"] / e["train_ms"], 2)
+                r["train_mem_ratio"] = round(b["train_peak_gib"] / e["train_peak_gib"], 2)
+            if "infer_ms" in e and "infer_ms" in b:
+                r["infer_speedup"] = round(b["infer_ms"] / e["infer_ms"], 2)
+            if r:
+                vs[base] = r
+        if vs:
+            e["vs"] = vs
+
+
+def _ratio_text(e: dict[str, Any], key: str) -> str:
+    return ", ".join(f"x{r[key]} vs {base}" for base, r in e.get("vs", {}).items() if key in r)
+
+
 def format_row(preset: str, name: str, e: dict[str, Any]) -> str:
     if "error" in e:
-        return f"{preset:<15} {name:<24} ERROR {e['error'][:300]}"
-    s = (f"{preset:<15} {name:<24} train {e['train_ms']:9.2f} ms {e['train_samples_s']:8.1f} samp/s "
-         f"{e['train_peak_gib']:7.2f} GiB x{e.get('train_speedup', 1.0):<6}")
+        return f"{preset:<15} {name:<20} ERROR {e['error'][:300]}"
+    s = (f"{preset:<15} {name:<20} train {e['train_ms']:9.2f} ms {e['train_samples_s']:8.1f} samp/s "
+         f"{e['train_peak_gib']:7.2f} GiB {_ratio_text(e, 'train_speedup')}")
     if "infer_ms" in e:
-        s += f" | infer {e['infer_ms']:9.2f} ms {e['infer_peak_gib']:6.2f} GiB x{e.get('infer_speedup', 1.0):<6}"
+        s += f" | infer {e['infer_ms']:9.2f} ms {e['infer_peak_gib']:6.2f} GiB {_ratio_text(e, 'infer_speedup')}"
     if "check" in e:
         c = e["check"]
         if "error" in c:
@@ -340,6 +362,8 @@ def format_row(preset: str, name: str, e: dict[str, Any]) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     lines = [f"{report['device']}, torch {report['torch']}, {report['date']}"]
+    if report.get("command"):
+        lines.append(report["command"])
     for preset, pres in report["presets"].items():
         for name, e in pres["modes"].items():
             lines.append(format_row(preset, name, e))

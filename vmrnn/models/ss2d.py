@@ -17,13 +17,6 @@ from vmrnn.ops.ss2d_scan import ss2d_scan
 
 N_DIRECTIONS = 4
 SS2D_IMPLS = ("reference", "fused")
-# fused_backend "auto" on GPU: the Triton fused scan up to this many tokens per scan (None: always), else
-# the reference dataflow with mamba_ssm's kernel. The Triton scan was too slow for long sequences at small
-# batch (KTH's 64x64 grid at B=4: one program per 32 channels walking 4096 tokens) until it ran them
-# chunk-parallel (vmrnn.ops.ss2d_scan.scan_plan); it now matches the mamba_ssm path's step time there
-# with less memory and no cross-scan copies (docs/PERFORMANCE.md).
-FUSED_TRITON_MAX_L: int | None = None
-
 
 def cross_scan(x: Tensor) -> Tensor:
     """(B, D, H, W) -> (B, 4, D, L): row-major, column-major, and the two reversed."""
@@ -109,20 +102,8 @@ class SS2D(nn.Module):
         ).reshape(b, N_DIRECTIONS, d, L)
         return cross_merge(y.float(), h, w).transpose(1, 2).reshape(b, h, w, d)
 
-    def uses_fused_layout(self, x: Tensor) -> bool:
-        """Whether this input goes through `forward_fused` (impl "fused", and see FUSED_TRITON_MAX_L)."""
-        if self.impl != "fused":
-            return False
-        if self.fused_backend != "auto" or not x.is_cuda:
-            return True
-        if FUSED_TRITON_MAX_L is None:
-            return True
-        from vmrnn.ops import cuda_scan_available  # noqa: PLC0415
-
-        return x.shape[1] * x.shape[2] <= FUSED_TRITON_MAX_L or not cuda_scan_available()
-
     def forward(self, x: Tensor) -> Tensor:
-        if self.uses_fused_layout(x):
+        if self.impl == "fused":
             return self.forward_fused(x)
         x, z = self.in_proj(x).chunk(2, dim=-1)
         x = F.silu(self.dwconv(x.permute(0, 3, 1, 2)))

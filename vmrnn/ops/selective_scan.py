@@ -1,4 +1,4 @@
-"""Selective scan with mamba_ssm's `selective_scan_fn` semantics and two backends.
+"""Selective scan with mamba_ssm's `selective_scan_fn` semantics: `selective_scan` beside `selective_scan_ref`.
 
 For every channel d (with group g = d // (D / G) choosing B and C):
     delta = softplus(delta + delta_bias)            (each step optional)
@@ -6,7 +6,7 @@ For every channel d (with group g = d // (D / G) choosing B and C):
     y_l   = <C_{g,l}, h_l> + D_d * u_l
 
 Backends:
-- ``torch``: pure PyTorch, differentiable, vectorised over batch, channels and state; the sequence
+- ``torch`` (`selective_scan_ref`, the reference): pure PyTorch, differentiable, vectorised over batch, channels and state; the sequence
   axis uses a log2(L)-step parallel (Hillis-Steele) scan, so there is no Python loop over tokens.
 - ``cuda``: mamba_ssm's compiled kernel (``selective_scan_cuda``), wrapped as a ``torch.library``
   custom op with autograd and a fake implementation so ``torch.compile`` / ``torch.export`` can trace it.
@@ -77,7 +77,7 @@ def _parallel_linear_scan(a: Tensor, b: Tensor) -> Tensor:
     return b
 
 
-def selective_scan_torch(
+def selective_scan_ref(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     D: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
 ) -> Tensor:
@@ -201,7 +201,7 @@ def selective_scan(
     if backend == "auto":
         backend = "cuda" if (u.is_cuda and _cuda_kernel()[0] is not None) else "torch"
     if backend == "torch":
-        return selective_scan_torch(u, delta, A, B, C, D, delta_bias, delta_softplus)
+        return selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
     if backend == "cuda":
         return selective_scan_cuda(u, delta, A, B, C, D, delta_bias, delta_softplus)
     raise ValueError(f"unknown selective-scan backend {backend!r}; choose 'auto', 'torch' or 'cuda'")

@@ -22,17 +22,26 @@ from typing import Any, get_args, get_origin, get_type_hints
 from vmrnn.data import DATASETS, dataset_names, dataset_spec
 from vmrnn.data.remote import is_remote
 from vmrnn.models import ConfigError
+from vmrnn.tracking.tags import TAG_EXECUTION
 from vmrnn.tracking.uris import absolute_tracking_uri, default_tracking_uri
+from vmrnn.train.execution import (
+    DEFAULT_MODE,
+    MODES,
+    OVERRIDES,
+    ExecutionConfig,
+    ExecutionError,
+    resolve_execution,
+)
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adam", "adamw"),
     "schedule": ("cosine", "cosine_step", "constant"),
-    "precision": ("fp32", "bf16"),
+    "precision": ("fp32", "bf16"),                  # None too: the mode's
     "loss_target": ("all", "future"),
     "loss_kind": ("mse", "mse+l1"),
     "metrics_mode": ("standard", "paper"),
-    "scan_backend": ("auto", "torch", "cuda", "triton"),
-    "execution": ("manual", "fast"),
+    "scan_backend": ("auto", "torch", "cuda", "triton"),  # None too: the mode's
+    "execution": tuple(MODES),
     "model_format": ("pt2", "pickle"),
 }
 
@@ -50,7 +59,7 @@ class TrainConfig:
     # --- model ---
     preset: str | None = None                       # default: the dataset's preset (vmrnn.data.DATASETS)
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. {"depth": 4}
-    scan_backend: str = "auto"                      # reference SS2D: auto|torch|cuda; fused: auto|torch|triton
+    scan_backend: str | None = None                 # reference SS2D: auto|torch|cuda; fused: auto|torch|triton
     # --- optimisation (None: the dataset's recipe, DatasetSpec.recipe) ---
     epochs: int | None = None
     batch_size: int | None = None                   # per worker
@@ -63,12 +72,14 @@ class TrainConfig:
     warmup_lr: float = 1e-5
     min_lr: float = 1e-6
     grad_clip: float | None = None
-    precision: str = "fp32"                         # bf16 autocast on GPU only (fp32 on CPU)
-    checkpoint_steps: bool = False                  # activation checkpointing per rollout step
-    execution: str = "fast"                         # fast: ExecutionConfig.fast on GPU (CPU: reference); manual: the fields below
-    fused: bool = False                             # fused SS2D layout (vmrnn.ops.ss2d_scan)
-    cuda_graphs: bool = False                       # the whole step in a CUDA graph (GPU, one worker)
-    compile: bool = False                           # torch.compile every SS2D
+    # `execution` names a mode of vmrnn.train.execution.MODES; precision, checkpoint_steps, fused, cuda_graphs,
+    # compile and scan_backend override single fields of it (None: the mode's value)
+    precision: str | None = None                    # fp32 | bf16 (bf16 autocast on GPU only)
+    checkpoint_steps: bool | None = None            # activation checkpointing per rollout step
+    execution: str = DEFAULT_MODE                   # reference, fast, bf16-graphs, ... (GPU-only parts off on CPU)
+    fused: bool | None = None                       # fused SS2D layout (vmrnn.ops.ss2d_scan)
+    cuda_graphs: bool | None = None                 # the whole step in a CUDA graph (GPU, one worker)
+    compile: bool | None = None                     # torch.compile every SS2D
     loss_target: str = "all"
     loss_kind: str = "mse"
     seed: int = 42
@@ -137,7 +148,7 @@ class TrainConfig:
         if not self.data_dir:
             raise TrainConfigError("training option 'data_dir' is required (the folder that holds the data)")
         for name, choices in CHOICES.items():
-            if getattr(self, name) not in choices:
+            if getattr(self, name) not in choices and not (name in OVERRIDES and getattr(self, name) is None):
                 raise bad(name, f"must be one of {list(choices)}")
         for name in ("epochs", "batch_size", "val_batch_size", "max_train_batches", "max_val_batches",
                      "max_test_batches"):
@@ -159,9 +170,7 @@ class TrainConfig:
             raise bad("lr", "must be > 0")
         if self.grad_clip is not None and self.grad_clip == 0:
             raise bad("grad_clip", "must be > 0 (leave it unset for no clipping)")
-        allowed = ("auto", "torch", "triton") if self.fused else ("auto", "torch", "cuda")
-        if self.scan_backend not in allowed:
-            raise bad("scan_backend", f"must be one of {list(allowed)} with fused={self.fused}")
+        self.execution_config("cuda")  # the mode with its overrides must exist, on any device
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise bad("device", "must be auto, cpu, cuda or cuda:N")
         for name in ("model", "tags", "data_options"):
@@ -230,22 +239,28 @@ class TrainConfig:
             return self
         return dataclasses.replace(self, run_key=uuid.uuid4().hex)
 
-    def effective_precision(self, device_type: str) -> str:
-        """bf16 autocast only on CUDA: on CPU it is slower and less accurate, so fp32 there."""
-        return self.precision if device_type == "cuda" else "fp32"
+    def execution_overrides(self) -> dict[str, Any]:
+        """The execution fields this config sets (not None) on top of its mode."""
+        return {k: getattr(self, k) for k in OVERRIDES if getattr(self, k) is not None}
 
-    def execution_config(self, device_type: str):
-        """The `vmrnn.train.step.ExecutionConfig` for this device (GPU-only options are dropped on CPU)."""
-        from vmrnn.train.step import ExecutionConfig
-
-        if self.execution == "fast":
-            return ExecutionConfig.fast(device_type, checkpoint_steps=self.checkpoint_steps, compile=self.compile)
+    def execution_config(self, device_type: str, world_size: int = 1) -> ExecutionConfig:
+        """The ExecutionConfig that runs on this device: the mode, the overrides, GPU-only parts dropped off
+        CUDA, no CUDA graphs with several workers (`vmrnn.train.execution.resolve_execution`)."""
         try:
-            return ExecutionConfig(precision=self.effective_precision(device_type), compile=self.compile,
-                                   checkpoint_steps=self.checkpoint_steps, scan_backend=self.scan_backend,
-                                   fused=self.fused, cuda_graphs=self.cuda_graphs and device_type == "cuda")
-        except ValueError as exc:
-            raise TrainConfigError(f"training options precision/fused/scan_backend: {exc}") from None
+            return resolve_execution(self.execution, self.execution_overrides(), device_type=device_type,
+                                     world_size=world_size)
+        except ExecutionError as exc:
+            raise TrainConfigError(f"training option '{exc.option}' {exc.detail}") from None
+
+    def with_effective_execution(self, device_type: str, world_size: int = 1) -> TrainConfig:
+        """A copy whose execution fields are what runs here (the mode name kept, every override field set
+        to the effective value) and tagged ``vmrnn.execution`` = its description: what MLflow and the
+        checkpoints record."""
+        ex = self.execution_config(device_type, world_size)
+        c = dataclasses.replace(self, tags={**self.tags, TAG_EXECUTION: ex.describe()})
+        for name in OVERRIDES:
+            setattr(c, name, getattr(ex, name))
+        return c
 
 
 def _custom_patch(height: int, width: int) -> int:

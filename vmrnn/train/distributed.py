@@ -19,6 +19,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from vmrnn.train.data_parallel import GradientAllReduce, broadcast_parameters
+
 
 def _identity(x: Any, **_: Any) -> Any:
     return x
@@ -32,7 +34,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    # Wrappers: plain runs use DDP and our samplers; the Ray layer passes ray.train.torch's.
+    # Wrappers: plain runs move the model to `device` and use our samplers; the Ray layer passes its own.
     wrap_model: Callable[[nn.Module], nn.Module] | None = None
     wrap_loader: Callable[..., DataLoader] = _identity  # (loader, train=bool) -> loader
     backend: str = "plain"  # plain | torchrun | ray (for the record)
@@ -46,13 +48,21 @@ class DistEnv:
         return self.rank == 0
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        if self.wrap_model is not None:
-            return self.wrap_model(model)
-        model = model.to(self.device)
+        """The model on this worker's device with rank 0's weights; never wrapped (no DDP).
+
+        Gradients are averaged by `gradient_sync` inside the training step instead, so that the whole step,
+        all-reduce included, can run as one CUDA graph (see vmrnn.train.data_parallel).
+        """
+        model = self.wrap_model(model) if self.wrap_model is not None else model.to(self.device)
         if self.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=True)
+            broadcast_parameters(model)
         return model
+
+    def gradient_sync(self, model: nn.Module) -> GradientAllReduce | None:
+        """The gradient all-reduce of a data-parallel run (None on a single process)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        return GradientAllReduce(model.parameters(), self.world_size)
 
 
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:

@@ -37,6 +37,7 @@ from vmrnn.train.distributed import (
     seed_everything,
     unwrap,
 )
+from vmrnn.train.execution import resolution_line
 from vmrnn.train.schedule import LRSchedule, build_optimizer
 from vmrnn.train.step import ExecutionConfig, make_forecast, make_train_step
 
@@ -202,6 +203,15 @@ def make_meta(cfg: TrainConfig, model_cfg: dict[str, Any], spec: Any) -> dict[st
                         "channels": spec.channels, "height": spec.height, "width": spec.width}}
 
 
+def effective_config(cfg: TrainConfig, env: DistEnv) -> TrainConfig:
+    """`cfg` with the execution that runs on this worker's device written into its execution fields and the
+    ``vmrnn.execution`` tag (so MLflow and the checkpoints record what ran); the main rank prints it."""
+    if env.is_main:
+        print("execution: " + resolution_line(cfg.execution, cfg.execution_overrides(), device=str(env.device),
+                                              world_size=env.world_size), flush=True)
+    return cfg.with_effective_execution(env.device.type, env.world_size)
+
+
 def run_training(cfg: TrainConfig, env: DistEnv | None = None, *, resume: dict[str, Any] | None = None,
                  on_epoch_end: Callable[[EpochResult], None] | None = None,
                  tracker: Any = None) -> TrainResult:
@@ -215,10 +225,8 @@ def run_training(cfg: TrainConfig, env: DistEnv | None = None, *, resume: dict[s
     spec = dataset_spec(cfg)
     n_input, n_future = spec.in_frames, spec.out_frames
     device = env.device
-    precision = cfg.effective_precision(device.type)
-    if precision != cfg.precision and env.is_main:
-        log.info("precision %s needs a GPU; training in fp32 on %s", cfg.precision, device)
-    execution = cfg.execution_config(device.type)
+    cfg = cfg.with_effective_execution(device.type, env.world_size)  # as `effective_config` did (idempotent)
+    execution = cfg.execution_config(device.type, env.world_size)
 
     # Same initial weights on every rank (DDP would broadcast rank 0's anyway).
     seed_everything(cfg.seed)
@@ -408,6 +416,7 @@ def train(cfg: TrainConfig | dict[str, Any], *, resume_from: str | None = None, 
         cfg = TrainConfig.from_dict(broadcast_object(cfg.resolved().with_run_key().to_dict(), env))
     else:
         cfg = cfg.resolved().with_run_key()
+    cfg = effective_config(cfg, env)  # before the MLflow run opens: its params record what runs
     ckpt = resume_from or (latest_checkpoint(cfg.checkpoint_dir) if resume else None)
     state = load_state(ckpt) if ckpt else None
     if state is not None:
@@ -472,5 +481,5 @@ def _load_best(path: str) -> dict[str, Tensor] | None:
     return load_tensors(f) if f.exists() else None
 
 
-__all__ = ["REPORTED_KEYS", "EpochResult", "TrainResult", "TrainingDiverged", "TrainingStopped", "evaluate",
-           "run_training", "score_test", "train"]
+__all__ = ["REPORTED_KEYS", "EpochResult", "TrainResult", "TrainingDiverged", "TrainingStopped", "effective_config",
+           "evaluate", "run_training", "score_test", "train"]

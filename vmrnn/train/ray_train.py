@@ -35,7 +35,7 @@ from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 from vmrnn.train.checkpoint import BEST_FILE, load_state, write_checkpoint
 from vmrnn.train.config import TrainConfig
 from vmrnn.train.distributed import DistEnv
-from vmrnn.train.loop import REPORTED_KEYS, EpochResult, TrainingDiverged, run_training
+from vmrnn.train.loop import REPORTED_KEYS, EpochResult, TrainingDiverged, effective_config, run_training
 
 log = logging.getLogger("vmrnn.train")
 
@@ -137,6 +137,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     cfg = cfg.resolved()  # idempotent: fills whatever a caller left unset
     fault = config.get("fault_injection")
     env = _ray_env()
+    cfg = effective_config(cfg, env)  # before the MLflow run opens: its params record what runs
     if env.device.type == "cpu":
         torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
     ckpt = ray.train.get_checkpoint()

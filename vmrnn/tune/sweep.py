@@ -79,7 +79,7 @@ def build_parser(spec: SweepSpec, prog: str | None = None) -> argparse.ArgumentP
                                     f"{spec.resolved_preset(True)})")
     g.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                    help="a training option for every trial, as in `vmrnn train --set` (e.g. grad_clip=1.0, "
-                        "execution=manual, model.drop_path=0.1, tags.team=x); not the searched keys or what "
+                        "execution=reference, model.drop_path=0.1, tags.team=x); not the searched keys or what "
                         "the sweep sets itself (dataset, epochs, seed, tracking, ...); log_model=false "
                         "needs --no-register; repeatable")
     g = p.add_argument_group("search")

@@ -1,0 +1,86 @@
+"""Launch planning of the Triton SS2D scan: how many channels, tokens and segments each program takes.
+
+One warp per program, a channel per lane and its N states in that lane's registers: the sums over N
+need no shuffles and nothing goes through shared memory. A plan is computed from the sizes alone
+(`scan_plan`); `vmrnn.ops.ss2d_scan.ss2d_scan(..., plan=...)` takes an explicit one (tests force
+segments on small shapes, benchmarks/gpu_checks.py sweeps plans).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+N_DIR = 4
+# The chunk-parallel scan splits each sequence into segments until about this many programs (one warp
+# each) run: 132 SMs x ~32 resident warps. Fewer programs leave the SMs waiting on each token's latency.
+TARGET_PROGRAMS = 4096
+# Segmented plans (long sequences): the chunk length CK (also the interval of the saved states) and the
+# backward's unroll U. Chosen by a sweep on the H100 (benchmarks/gpu_checks.py scan_variants;
+# docs/PERFORMANCE.md).
+SEG_CK = 64
+SEG_UB = 4
+
+
+class ScanPlan(NamedTuple):
+    """Launch plan. nseg > 1: the chunk-parallel scan, nseg segments of cps chunks of ck tokens (the
+    state buffer then holds nc = nseg * cps chunk start states)."""
+
+    bd: int      # channels per program
+    ck: int      # tokens per chunk (the interval of the stored states)
+    u_fwd: int   # forward unroll: tokens whose outputs are stored together
+    u_bwd: int   # backward unroll
+    warps: int
+    nseg: int    # segments run in parallel (1: one program walks the whole sequence)
+    cps: int     # chunks per segment
+
+    @property
+    def nc(self) -> int:
+        return self.nseg * self.cps
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def scan_plan(batch: int, L: int, d: int, n: int, *, bd: int | None = None, ck: int | None = None,
+              nseg: int | None = None, u_fwd: int | None = None, u_bwd: int | None = None,
+              warps: int | None = None) -> ScanPlan:
+    """How the Triton scan runs a size; each keyword fixes one choice and the rest follow from it.
+
+    When batch x 4 directions x D/32 programs are too few to fill the GPU (long sequences at small
+    batch: KTH's 64x64 grid at B=4, Moving MNIST's 32x32), the sequence is cut into nseg segments that
+    run in parallel from a zero state, a short sequential pass carries the states across the segments
+    (the recurrence is diagonal, so segment s maps a carried state x to exp(A sum dt) x + its own end
+    state), and each segment is replayed from its true start state. The backward does the same for the
+    state adjoint, walking the other way. Without segments BD = 16 when that many programs are too few
+    to give every SM two warps, else 32; with segments 32.
+    """
+    lanes = batch * N_DIR * d
+    u_fwd = 8 if u_fwd is None else u_fwd
+    warps = 1 if warps is None else warps
+    seg_ck = SEG_CK if ck is None else ck
+    nc = _cdiv(L, seg_ck)
+    if nseg is None:
+        base = batch * N_DIR * _cdiv(d, 32)
+        nseg = 1
+        while nseg * 2 <= nc and base * nseg * 2 <= TARGET_PROGRAMS:
+            nseg *= 2
+    nseg = max(1, nseg)
+    if nseg > 1:
+        bd = 32 if bd is None else bd
+        ck = seg_ck
+        u_bwd = SEG_UB if u_bwd is None else u_bwd
+    else:
+        bd = (32 if lanes // 32 >= 264 else 16) if bd is None else bd
+        ck = (64 if L <= 1024 else 128) if ck is None else ck
+        u_bwd = 4 if u_bwd is None else u_bwd
+    bd = max(4, min(bd, 1 << max(d - 1, 0).bit_length()))
+    ck = max(u_fwd, u_bwd, min(ck, 1 << max(L - 1, 0).bit_length()))  # short sequences: one chunk
+    nc = _cdiv(L, ck)
+    nseg = max(1, min(nseg, nc))
+    cps = _cdiv(nc, nseg)
+    nseg = _cdiv(nc, cps)
+    return ScanPlan(bd, ck, u_fwd, u_bwd, warps, nseg, cps)
+
+
+__all__ = ["N_DIR", "SEG_CK", "SEG_UB", "TARGET_PROGRAMS", "ScanPlan", "scan_plan"]

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vmrnn.metrics import MetricAccumulator  # noqa: E402
 from vmrnn.models import build_model  # noqa: E402
 from vmrnn.train.distributed import current_env, init_from_env  # noqa: E402
-from vmrnn.train.execution import resolve_execution  # noqa: E402
-from vmrnn.train.step import ExecutionConfig, make_forecast, make_train_step  # noqa: E402
+from vmrnn.train.execution import MODES, resolve_execution  # noqa: E402
+from vmrnn.train.step import make_forecast, make_train_step  # noqa: E402
 
 FRAMES = {"taxibj": (4, 4), "kth": (10, 20), "mmnist": (10, 10), "mmnist-openstl": (10, 10),
           "taxibj-tiny": (4, 4), "kth-tiny": (4, 4), "mmnist-tiny": (3, 3)}
@@ -52,7 +52,7 @@ def waves(n: int, t: int, c: int, size: int, seed: int) -> torch.Tensor:
 def setup(args):
     started = init_from_env()
     env = current_env(args.device)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts them)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (prepare_model also broadcasts them)
     model = build_model(args.preset, drop_path=0.0)
     model = env.prepare_model(model)
     n_in, n_out = FRAMES[args.preset]
@@ -66,9 +66,11 @@ def check(args) -> dict:
         raise SystemExit(f"--global-batch {args.global_batch} is not divisible by {env.world_size} ranks")
     b = args.global_batch // env.world_size
     lo, hi = env.rank * b, (env.rank + 1) * b
-    execution = ExecutionConfig.reference()  # fp32: the comparison is about the reduction, not precision
+    # fp32 by default: the comparison is about the reduction, not precision (fp32-graphs: the captured step)
+    execution = resolve_execution(args.execution, device_type=env.device.type, world_size=env.world_size)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    step = make_train_step(model, opt, n_input=n_in, execution=execution, device=env.device)
+    step = make_train_step(model, opt, n_input=n_in, execution=execution, device=env.device,
+                           grad_sync=env.gradient_sync(model))
     losses = []
     for i in range(args.steps):
         frames = waves(args.global_batch, n_in + n_out, cfg.in_chans, cfg.img_size, seed=1000 + i)
@@ -88,7 +90,8 @@ def check(args) -> dict:
     if env.distributed:
         acc.all_reduce()
     metrics = {k: v for k, v in acc.compute().items() if isinstance(v, (int, float))}
-    out = {"mode": "check", "preset": args.preset, "world_size": env.world_size, "per_rank_batch": b,
+    out = {"mode": "check", "execution": execution.describe(), "preset": args.preset, "world_size": env.world_size,
+           "per_rank_batch": b,
            "global_batch": args.global_batch, "steps": args.steps, "losses": losses, "val": metrics,
            "device": str(env.device)}
     if started:
@@ -99,10 +102,12 @@ def check(args) -> dict:
 def speed(args) -> dict:
     started, env, model, n_in, n_out = setup(args)
     cfg = (model.module if hasattr(model, "module") else model).config
-    execution = resolve_execution("fast", {"checkpoint_steps": args.checkpoint_steps}, device_type=env.device.type,
-                                  world_size=env.world_size)
+    execution = resolve_execution(args.execution, {"checkpoint_steps": args.checkpoint_steps or None},
+                                  device_type=env.device.type, world_size=env.world_size)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    step = make_train_step(model, opt, n_input=n_in, execution=execution, device=env.device)
+    # Under torchrun (even one rank) the step all-reduces its gradients; run without torchrun it is plain `fast`.
+    grad_sync = env.gradient_sync(model)
+    step = make_train_step(model, opt, n_input=n_in, execution=execution, device=env.device, grad_sync=grad_sync)
     frames = torch.rand(args.batch, n_in + n_out, cfg.in_chans, cfg.img_size, cfg.img_size, device=env.device)
     sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
     for _ in range(args.warmup):
@@ -118,7 +123,8 @@ def speed(args) -> dict:
         times.append(time.perf_counter() - t0)
     ms = statistics.median(times) * 1e3
     out = {"mode": "speed", "preset": args.preset, "world_size": env.world_size, "per_rank_batch": args.batch,
-           "execution": execution.describe(), "step_ms": round(ms, 2),
+           "execution": execution.describe(), "data_parallel": grad_sync is not None,
+           "step_ms": round(ms, 2),
            "samples_per_s": round(env.world_size * args.batch / (ms / 1e3), 2), "device": str(env.device),
            "gpu": torch.cuda.get_device_name() if env.device.type == "cuda" else None,
            "torch": torch.__version__}
@@ -151,11 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--steps", type=int, default=50)
     c.add_argument("--lr", type=float, default=1e-3)
     c.add_argument("--val-samples", type=int, default=8)
+    c.add_argument("--execution", default="reference", choices=list(MODES))
     s = sub.choices["speed"]
     s.add_argument("--batch", type=int, default=4, help="per rank")
     s.add_argument("--warmup", type=int, default=3)
     s.add_argument("--iters", type=int, default=10)
     s.add_argument("--checkpoint-steps", action="store_true")
+    s.add_argument("--execution", default="fast", choices=list(MODES))
     cmp = sub.add_parser("compare")
     cmp.add_argument("one")
     cmp.add_argument("many")

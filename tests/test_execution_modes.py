@@ -87,8 +87,8 @@ def test_resolution_per_device(name):
     assert resolve_execution(name, device_type="cuda") == mode
     # CPU: the GPU-only parts are off, activation checkpointing stays
     assert resolve_execution(name, device_type="cpu") == ExecutionConfig(checkpoint_steps=mode.checkpoint_steps)
-    # several workers: the model is DDP-wrapped, no CUDA graphs; the rest as on one GPU
-    assert resolve_execution(name, device_type="cuda", world_size=2) == mode.replace(cuda_graphs=False)
+    # several workers: the same mode, CUDA graphs included (the gradient all-reduce is part of the graph)
+    assert resolve_execution(name, device_type="cuda", world_size=2) == mode
 
 
 def test_overrides_change_single_fields_and_the_device_still_decides():
@@ -131,13 +131,15 @@ def test_effective_config_fills_every_override_and_the_tag():
     gpu = cfg.with_effective_execution("cuda")
     assert (gpu.precision, gpu.fused, gpu.cuda_graphs, gpu.compile, gpu.checkpoint_steps, gpu.scan_backend) == \
         ("bf16", True, True, False, True, "auto")
-    assert gpu.tags == {"team": "a", EXECUTION_TAG: "bf16+fused+graphs+ckpt"} and gpu.execution == "fast"
+    assert gpu.tags == {"team": "a", EXECUTION_TAG: "bf16+fused+graphs+ckpt", "vmrnn.world_size": "1"}
+    assert gpu.execution == "fast"
     assert gpu.with_effective_execution("cuda") == gpu  # idempotent
     cpu = gpu.with_effective_execution("cpu")  # e.g. a GPU run's checkpoint resumed on CPU
     assert (cpu.precision, cpu.fused, cpu.cuda_graphs) == ("fp32", False, False)
     assert cpu.tags[EXECUTION_TAG] == "fp32+ckpt"
     ddp = cfg.with_effective_execution("cuda", world_size=4)
-    assert ddp.cuda_graphs is False and ddp.tags[EXECUTION_TAG] == "bf16+fused+ckpt"
+    assert ddp.cuda_graphs is True and ddp.tags[EXECUTION_TAG] == "bf16+fused+graphs+ckpt"
+    assert ddp.tags["vmrnn.world_size"] == "4"
 
 
 def test_resolution_line():
@@ -147,7 +149,7 @@ def test_resolution_line():
     assert resolution_line("reference", {"precision": "bf16"}, device="cpu") == \
         "reference -> fp32 on cpu (GPU-only parts off)"
     assert resolution_line("fast", device="cuda:1", world_size=2) == \
-        "fast -> bf16+fused on cuda:1 (CUDA graphs off: DDP over 2 workers)"
+        "fast -> bf16+fused+graphs on cuda:1, data-parallel over 2 workers (one gradient all-reduce in the step)"
 
 
 def test_mlflow_records_the_execution_that_ran(tmp_path, capsys):

@@ -16,6 +16,7 @@ TAG_PRESET = "vmrnn.preset"
 TAG_MODEL_URI = "vmrnn.model_uri"  # models:/m-... of the logged best model
 TAG_MODEL_FORMAT = "vmrnn.model_format"  # pt2 | pickle: how that model was saved
 TAG_BEST_EPOCH = "vmrnn.best_epoch"
+TAG_WORLD_SIZE = "vmrnn.world_size"  # data-parallel workers of the run (1: one process)
 TAG_EXECUTION = "vmrnn.execution"  # what ran on the worker: ExecutionConfig.describe(), e.g. bf16+fused+graphs
 TAG_FAILURE = "vmrnn.failure_reason"
 TAG_PREVIOUS_FAILURE = "vmrnn.previous_failure"  # the failure a restart continued from

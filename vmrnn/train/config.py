@@ -22,7 +22,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 from vmrnn.data import DATASETS, dataset_names, dataset_spec
 from vmrnn.data.remote import is_remote
 from vmrnn.models import ConfigError
-from vmrnn.tracking.tags import TAG_EXECUTION
+from vmrnn.tracking.tags import TAG_EXECUTION, TAG_WORLD_SIZE
 from vmrnn.tracking.uris import absolute_tracking_uri, default_tracking_uri
 from vmrnn.train.execution import (
     DEFAULT_MODE,
@@ -245,7 +245,7 @@ class TrainConfig:
 
     def execution_config(self, device_type: str, world_size: int = 1) -> ExecutionConfig:
         """The ExecutionConfig that runs on this device: the mode, the overrides, GPU-only parts dropped off
-        CUDA, no CUDA graphs with several workers (`vmrnn.train.execution.resolve_execution`)."""
+        CUDA (`vmrnn.train.execution.resolve_execution`)."""
         try:
             return resolve_execution(self.execution, self.execution_overrides(), device_type=device_type,
                                      world_size=world_size)
@@ -254,10 +254,10 @@ class TrainConfig:
 
     def with_effective_execution(self, device_type: str, world_size: int = 1) -> TrainConfig:
         """A copy whose execution fields are what runs here (the mode name kept, every override field set
-        to the effective value) and tagged ``vmrnn.execution`` = its description: what MLflow and the
-        checkpoints record."""
+        to the effective value) and tagged ``vmrnn.execution`` = its description and ``vmrnn.world_size``:
+        what MLflow and the checkpoints record."""
         ex = self.execution_config(device_type, world_size)
-        c = dataclasses.replace(self, tags={**self.tags, TAG_EXECUTION: ex.describe()})
+        c = dataclasses.replace(self, tags={**self.tags, TAG_EXECUTION: ex.describe(), TAG_WORLD_SIZE: str(world_size)})
         for name in OVERRIDES:
             setattr(c, name, getattr(ex, name))
         return c

@@ -117,8 +117,9 @@ def resolve_execution(mode: str, overrides: Mapping[str, Any] | None = None, *, 
 
     On a device other than CUDA the GPU-only parts are dropped: fp32, the reference layout, no CUDA
     graphs, no torch.compile, no GPU scan backend (bf16 autocast and compilation buy nothing there, and
-    the Triton / mamba_ssm kernels need a GPU); activation checkpointing stays. With more than one worker
-    (the model is DDP-wrapped) there are no CUDA graphs. Raises ExecutionError naming the bad field.
+    the Triton / mamba_ssm kernels need a GPU); activation checkpointing stays. Data-parallel runs
+    (world_size > 1) keep every part, CUDA graphs included: the gradient all-reduce is part of the captured
+    step (vmrnn.train.data_parallel). Raises ExecutionError naming the bad field.
     """
     if mode not in MODES:
         raise ExecutionError("execution", f"mode {mode!r} does not exist; choose one of {list(MODES)}")
@@ -135,8 +136,8 @@ def resolve_execution(mode: str, overrides: Mapping[str, Any] | None = None, *, 
     if device_type != "cuda":
         backend = "torch" if cfg.scan_backend == "torch" else "auto"
         cfg = ExecutionConfig(precision="fp32", checkpoint_steps=cfg.checkpoint_steps, scan_backend=backend)
-    if world_size > 1 and cfg.cuda_graphs:
-        cfg = cfg.replace(cuda_graphs=False)
+    if world_size < 1:
+        raise ExecutionError("world_size", f"must be >= 1; got {world_size}")
     return cfg
 
 
@@ -146,11 +147,9 @@ def resolution_line(mode: str, overrides: Mapping[str, Any] | None = None, *, de
     (GPU-only parts off)"."""
     asked = resolve_execution(mode, overrides, device_type="cuda")
     ran = resolve_execution(mode, overrides, device_type=device.split(":")[0], world_size=world_size)
-    note = ""
-    if ran != asked and not device.startswith("cuda"):
-        note = " (GPU-only parts off)"
-    elif ran != asked:
-        note = f" (CUDA graphs off: DDP over {world_size} workers)"
+    note = " (GPU-only parts off)" if ran != asked else ""
+    if world_size > 1:
+        note += f", data-parallel over {world_size} workers (one gradient all-reduce in the step)"
     return f"{mode} -> {ran.describe()} on {device}{note}"
 
 

@@ -1,4 +1,4 @@
-"""The training core in plain PyTorch: one process, `torchrun` DDP, or a Ray Train worker.
+"""The training core in plain PyTorch: one process, `torchrun` data-parallel, or a Ray Train worker.
 
 `run_training(cfg, env, ...)` is the per-worker loop (the Ray layer calls it too); `train(cfg)` is the
 plain entry that also saves/resumes epoch checkpoints. Each epoch trains on the `train` split, then
@@ -228,7 +228,7 @@ def run_training(cfg: TrainConfig, env: DistEnv | None = None, *, resume: dict[s
     cfg = cfg.with_effective_execution(device.type, env.world_size)  # as `effective_config` did (idempotent)
     execution = cfg.execution_config(device.type, env.world_size)
 
-    # Same initial weights on every rank (DDP would broadcast rank 0's anyway).
+    # Same initial weights on every rank (prepare_model also broadcasts rank 0's).
     seed_everything(cfg.seed)
     model = _build_model(cfg)
     model_cfg = model.config.to_dict()
@@ -259,7 +259,7 @@ def run_training(cfg: TrainConfig, env: DistEnv | None = None, *, resume: dict[s
         val_loader = make_eval_loader(val_ds, cfg.val_batch_size, env, cfg.num_loader_workers, cfg.max_val_batches)
         step_fn = make_train_step(ddp_model, optimizer, n_input=n_input, execution=execution,
                                   loss_target=cfg.loss_target, loss_kind=cfg.loss_kind, grad_clip=cfg.grad_clip,
-                                  device=device)
+                                  device=device, grad_sync=env.gradient_sync(core))
         forecast_fn = make_forecast(core, n_input=n_input, execution=execution, device=device)
         vis_idx = _vis_indices(len(val_ds), cfg.n_vis_samples) if env.is_main and tracker is not None else []
 
@@ -398,7 +398,7 @@ def score_test(cfg: TrainConfig, best_state: dict[str, Tensor] | None, env: Dist
 
 def train(cfg: TrainConfig | dict[str, Any], *, resume_from: str | None = None, resume: bool = True,
           on_epoch_end: Callable[[EpochResult], None] | None = None, env: DistEnv | None = None) -> TrainResult:
-    """Run all epochs in this process (DDP across processes when torch.distributed is initialised,
+    """Run all epochs in this process (data-parallel across processes when torch.distributed is initialised,
     e.g. by `python -m vmrnn.train.torchrun_main` under torchrun).
 
     Checkpoints go to `cfg.checkpoint_dir` every epoch (rank 0). With `resume` (default) a run restarts

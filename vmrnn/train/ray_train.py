@@ -4,8 +4,9 @@
                             run_config=ray.train.RunConfig(name=..., storage_path=...))
     result = trainer.fit()
 
-`train_loop_per_worker(config)` runs `vmrnn.train.loop.run_training` on each worker with
-`ray.train.torch.prepare_model` (DDP) and `prepare_data_loader`, reports the per-epoch metrics with a
+`train_loop_per_worker(config)` runs `vmrnn.train.loop.run_training` on each worker (the model on Ray's
+device for the worker, not wrapped in DDP: the step all-reduces the gradients itself, so it can be one
+CUDA graph; see vmrnn.train.data_parallel) with `prepare_data_loader`, reports the per-epoch metrics with a
 checkpoint through `ray.train.report`, and resumes from `ray.train.get_checkpoint()` after a worker
 failure (`FailureConfig(max_failures)`). Rank 0 owns the MLflow run.
 
@@ -67,7 +68,7 @@ def init_local_ray(address: str | None = None, num_cpus: int | None = None, num_
 # ---------------------------------------------------------------------- worker side
 
 def _prepare_model(model):
-    return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+    return model.to(ray.train.torch.get_device())
 
 
 def _prepare_loader(loader, train: bool = True):

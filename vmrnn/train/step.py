@@ -78,7 +78,7 @@ def configure_model(model: nn.Module, execution: ExecutionConfig) -> nn.Module:
     """Apply the execution knobs that live on the model's modules (in place); returns the model."""
     from vmrnn.models import SS2D  # noqa: PLC0415
 
-    core = model.module if hasattr(model, "module") else model  # DDP wraps the model
+    core = model.module if hasattr(model, "module") else model  # a DDP-wrapped model (users may wrap their own)
     graph_ckpt = execution.checkpoint_steps and execution.cuda_graphs
     core.checkpoint_steps = execution.checkpoint_steps and not graph_ckpt
     _graph_safe_checkpointing(core, graph_ckpt)
@@ -109,20 +109,30 @@ def _loss_fn(model, frames, n_input, execution, device, loss_target, loss_kind):
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, n_input: int,
                     execution: ExecutionConfig = ExecutionConfig(), loss_target: str = "all",
                     loss_kind: str = "mse", grad_clip: float | None = None,
-                    device: torch.device | str = "cpu") -> Callable[[Tensor], Tensor]:
-    """A function frames (B, T_tot, C, H, W) -> detached loss that runs forward, backward and update."""
+                    device: torch.device | str = "cpu",
+                    grad_sync: Callable[[], None] | None = None) -> Callable[[Tensor], Tensor]:
+    """A function frames (B, T_tot, C, H, W) -> detached loss that runs forward, backward and update.
+
+    grad_sync: the data-parallel gradient all-reduce (`vmrnn.train.data_parallel.GradientAllReduce`), run
+    between backward and clipping; it lives inside the CUDA graph when the step is captured.
+    """
     configure_model(model, execution)
+    if hasattr(model, "module"):
+        raise ValueError("make_train_step takes the bare model; data parallelism goes through grad_sync, not DDP")
 
     def step(frames: Tensor) -> Tensor:
-        optimizer.zero_grad(set_to_none=True)
+        # The all-reduce's gradients are views of one flat buffer: zero them in place, never drop them.
+        optimizer.zero_grad(set_to_none=grad_sync is None)
         loss = _loss_fn(model, frames, n_input, execution, device, loss_target, loss_kind)
         loss.backward()
+        if grad_sync is not None:
+            grad_sync()
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         return loss.detach()
 
-    if execution.cuda_graphs and torch.device(device).type == "cuda" and not hasattr(model, "module"):
+    if execution.cuda_graphs and torch.device(device).type == "cuda":
         return GraphedTrainStep(step, model, optimizer)
     return step
 

@@ -3,7 +3,7 @@
     python -m vmrnn.train.torchrun_main --dataset taxibj --data-dir data --epochs 100
     torchrun --nproc_per_node 4 -m vmrnn.train.torchrun_main --dataset taxibj --data-dir data --set batch_size=8
 
-Under torchrun every rank trains on its shard (DistributedSampler) with DDP (NCCL on GPUs, gloo on CPU);
+Under torchrun every rank trains on its shard (DistributedSampler) with the step's own gradient all-reduce (NCCL on GPUs, gloo on CPU);
 metrics are summed over ranks; rank 0 writes checkpoints (--checkpoint-dir, resumed automatically when it
 holds one) and logs to MLflow.
 """

@@ -50,11 +50,9 @@ def default_sweep_name(dataset: str, smoke: bool) -> str:
 
 
 def model_artifact_path() -> str:
-    """Where the training layer logs the best model inside a run (its constant when it defines one)."""
-    try:
-        from vmrnn.train.tracking import MODEL_ARTIFACT_PATH
-    except ImportError:
-        return "model"
+    """Where the training layer logs the best model inside a run."""
+    from vmrnn.train.tracking import MODEL_ARTIFACT_PATH  # deferred: it imports torch; these names do not
+
     return MODEL_ARTIFACT_PATH
 
 
@@ -76,6 +74,11 @@ def smoke_cache_dir() -> str:
     base = os.environ.get("VMRNN_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vmrnn")
     return os.path.join(base, "synthetic")
+
+
+def smoke_data_dir(dataset: str) -> str:
+    """The data of `--smoke` without --data-dir: small synthetic data in the real layout."""
+    return os.path.join(smoke_cache_dir(), f"{dataset}-small-seed0")
 
 
 # --smoke: a tiny model on small synthetic data, on CPU, in a few minutes on 2 cores.

@@ -126,7 +126,7 @@ def build_parser(spec: SweepSpec, prog: str | None = None) -> argparse.ArgumentP
 
 
 # --------------------------------------------------------------------------------------------- settings
-def settings_json(value: Any) -> str:
+def _json(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
 
 
@@ -162,7 +162,7 @@ def resolve_settings(spec: SweepSpec, args: argparse.Namespace, stored: dict[str
     for key in SWEEP_SETTINGS:
         if key in explicit:
             value = explicit[key]
-            if key in stored_values and settings_json(stored_values[key]) != settings_json(value) and not (
+            if key in stored_values and _json(stored_values[key]) != _json(value) and not (
                     key == "smoke" and not value):
                 conflicts.append(f"--{key.replace('_', '-')} {value} (the sweep was started with "
                                  f"{stored_values[key]})")
@@ -218,7 +218,7 @@ def parse_point(text: str) -> dict[str, Any]:
 
 def settings_params(settings: dict[str, Any]) -> dict[str, str]:
     """The settings as the parent run's params (what a resumed sweep reads back)."""
-    return {f"sweep.{k}": settings_json(settings[k]) for k in SWEEP_SETTINGS}
+    return {f"sweep.{k}": _json(settings[k]) for k in SWEEP_SETTINGS}
 
 
 # ---------------------------------------------------------------------------------------------- where

@@ -1,3 +1,4 @@
+from vmrnn.tracking import tags
 """Faults during sweeps, secrets, and load (issue 8), on a real `ray start --head` (token auth) and a real
 `mlflow server`, both on 127.0.0.1, with sweeps submitted by `ray job submit` (no mocks).
 
@@ -209,7 +210,7 @@ def test_sweep_survives_a_killed_worker_a_killed_driver_and_a_diverging_trial(cl
 
         def first_epoch_checkpointed():
             runs = _trial_runs(client, sweep)
-            return runs and _checkpointed(train_runs, runs[0].data.tags[D.TAG_TRIAL_ID], 0) and runs[0]
+            return runs and _checkpointed(train_runs, runs[0].data.tags[tags.TAG_TRIAL_ID], 0) and runs[0]
 
         trial1 = wait_for(first_epoch_checkpointed, 300, interval=0.3, what="trial 1's first checkpoint")
         # The workers' process titles (`ray::RayTrainWorker...`), read from /proc: `ray list actors`
@@ -224,7 +225,7 @@ def test_sweep_survives_a_killed_worker_a_killed_driver_and_a_diverging_trial(cl
 
         # -- trial 1 finishes after the restart; trial 2 (lr=1e10) diverges; then trial 3 starts.
         def statuses():
-            return [r.data.tags.get(D.TAG_TRIAL_STATUS) for r in _trial_runs(client, sweep)]
+            return [r.data.tags.get(tags.TAG_TRIAL_STATUS) for r in _trial_runs(client, sweep)]
 
         wait_for(lambda: statuses()[:2] == [D.TRIAL_FINISHED, D.TRIAL_FAILED], 420, interval=2,
                  what=f"trial 1 FINISHED and trial 2 FAILED (now {statuses()})")
@@ -236,7 +237,7 @@ def test_sweep_survives_a_killed_worker_a_killed_driver_and_a_diverging_trial(cl
         # -- fault 2: SIGKILL the job's driver while trial 3 trains (its first epoch is in MLflow).
         def third_trial_checkpointed():
             runs = _trial_runs(client, sweep)
-            return len(runs) >= 3 and _checkpointed(train_runs, runs[2].data.tags[D.TAG_TRIAL_ID], 0)
+            return len(runs) >= 3 and _checkpointed(train_runs, runs[2].data.tags[tags.TAG_TRIAL_ID], 0)
 
         wait_for(third_trial_checkpointed, 300, interval=0.3, what="trial 3's first checkpoint")
         drivers = _driver_pids(str(storage))
@@ -261,18 +262,18 @@ def test_sweep_survives_a_killed_worker_a_killed_driver_and_a_diverging_trial(cl
     # MLflow: one parent, one run per trial, nothing duplicated, honest statuses.
     exp = client.get_experiment_by_name("vmrnn-taxibj")
     all_runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`vmrnn.sweep` = '{sweep}'")
-    parents = [r for r in all_runs if r.data.tags.get(D.TAG_ROLE) == D.ROLE_SWEEP]
+    parents = [r for r in all_runs if r.data.tags.get(tags.TAG_ROLE) == tags.ROLE_SWEEP]
     trials = _trial_runs(client, sweep)
     assert len(parents) == 1 and len(all_runs) == 1 + 4 and len(trials) == 4
-    keys = [r.data.tags[D.TAG_RUN_KEY] for r in trials]
+    keys = [r.data.tags[tags.TAG_RUN_KEY] for r in trials]
     assert len(set(keys)) == 4 and all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in trials)
     parent = parents[0]
-    assert parent.info.status == "FINISHED" and parent.data.tags[D.TAG_SWEEP_STATUS] == "FINISHED"
+    assert parent.info.status == "FINISHED" and parent.data.tags[tags.TAG_SWEEP_STATUS] == "FINISHED"
 
     t1, t2, t3 = trials[0], trials[1], trials[2]
     # Trial 1: restarted once from a checkpoint (the killed worker), finished before the resubmission
     # (not re-run), every epoch logged exactly once.
-    assert t1.data.tags[D.TAG_TRIAL_STATUS] == D.TRIAL_FINISHED and t1.info.status == "FINISHED"
+    assert t1.data.tags[tags.TAG_TRIAL_STATUS] == D.TRIAL_FINISHED and t1.info.status == "FINISHED"
     assert t1.data.tags["vmrnn.restarts"] == "1"
     assert int(t1.data.tags["vmrnn.resumed_from_epoch"]) >= 0  # from a checkpoint, not from scratch
     assert "vmrnn.failure_reason" not in t1.data.tags and t1.info.end_time < t_resubmit
@@ -282,9 +283,9 @@ def test_sweep_survives_a_killed_worker_a_killed_driver_and_a_diverging_trial(cl
 
     # Trial 2: diverged; failed with the reason in MLflow and in Ray Tune.
     assert float(t2.data.params["lr"]) == 1e10
-    assert t2.info.status == "FAILED" and t2.data.tags[D.TAG_TRIAL_STATUS] == D.TRIAL_FAILED
+    assert t2.info.status == "FAILED" and t2.data.tags[tags.TAG_TRIAL_STATUS] == D.TRIAL_FAILED
     assert "TrainingDiverged" in t2.data.tags["vmrnn.failure_reason"]
-    assert "diverged" in t2.data.tags["vmrnn.failure_reason"] and "TrainingDiverged" in t2.data.tags[D.TAG_ERROR]
+    assert "diverged" in t2.data.tags["vmrnn.failure_reason"] and "TrainingDiverged" in t2.data.tags[tags.TAG_ERROR]
     assert t2.info.end_time < t_resubmit
     tune_errors = [p.read_text() for p in exp_dir.glob("*/error.txt")]
     assert any("TrainingDiverged" in e and "epoch 0" in e for e in tune_errors), tune_errors
@@ -308,8 +309,8 @@ def test_sweep_survives_a_killed_worker_a_killed_driver_and_a_diverging_trial(cl
     assert str(study.trials[1].state).endswith("FAIL")
 
     # One champion: the best trial's run, registered once.
-    champion = client.get_model_version_by_alias("vmrnn-taxibj", D.CHAMPION)
-    assert champion.run_id == parent.data.tags["vmrnn.best_run_id"] != t2.info.run_id
+    champion = client.get_model_version_by_alias("vmrnn-taxibj", tags.CHAMPION)
+    assert champion.run_id == parent.data.tags[tags.TAG_BEST_RUN_ID] != t2.info.run_id
     assert len(client.search_model_versions("name = 'vmrnn-taxibj'")) == 1
     # ... and it forecasts through the CLI, loaded from the registry on the tracking server.
     x = np.random.default_rng(0).random((2, 4, 2, 32, 32), dtype=np.float32)
@@ -372,8 +373,8 @@ def test_more_trials_than_cpus_queue_and_nothing_leaks(tmp_path):
 
     client = _client(uri)
     runs = _trial_runs(client, sweep)
-    assert len(runs) == n and len({r.data.tags[D.TAG_RUN_KEY] for r in runs}) == n
-    assert all(r.data.tags[D.TAG_TRIAL_STATUS] == D.TRIAL_FINISHED and r.info.status == "FINISHED" for r in runs)
+    assert len(runs) == n and len({r.data.tags[tags.TAG_RUN_KEY] for r in runs}) == n
+    assert all(r.data.tags[tags.TAG_TRIAL_STATUS] == D.TRIAL_FINISHED and r.info.status == "FINISHED" for r in runs)
     assert not any("vmrnn.model_uri" in r.data.tags for r in runs)  # `--set log_model=false` reached every trial
     # Never more trials at once than fit (4 x 0.5 CPU on 2 CPUs): the most runs open at one moment.
     events = sorted([(r.info.start_time, 1) for r in runs] + [(r.info.end_time, -1) for r in runs])

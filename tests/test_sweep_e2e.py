@@ -1,3 +1,4 @@
+from vmrnn.tracking import tags
 """The README's main command, end to end on CPU with real components only.
 
 - test_smoke_sweep_on_embedded_defaults: `python sweeps/taxibj.py --smoke` in an empty folder: local Ray
@@ -37,7 +38,7 @@ def check_sweep_in_mlflow(uri: str, sweep: str, n_trials: int) -> dict:
                                                                    "tags.`vmrnn.role` = 'sweep'")
     assert len(parents) == 1, "one parent run per sweep, reused on resume"
     parent = parents[0]
-    assert parent.info.status == "FINISHED" and parent.data.tags[D.TAG_SWEEP_STATUS] == "FINISHED"
+    assert parent.info.status == "FINISHED" and parent.data.tags[tags.TAG_SWEEP_STATUS] == "FINISHED"
     assert parent.data.params["sweep.smoke"] == "true" and parent.data.params["space.lr"].startswith("loguniform")
     assert parent.data.metrics["best_val_mse"] > 0
     arts = {a.path for d in ("plots", "results") for a in client.list_artifacts(parent.info.run_id, d)}
@@ -52,17 +53,17 @@ def check_sweep_in_mlflow(uri: str, sweep: str, n_trials: int) -> dict:
 
     children = client.search_runs([exp.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    keys = [c.data.tags[D.TAG_RUN_KEY] for c in children]
+    keys = [c.data.tags[tags.TAG_RUN_KEY] for c in children]
     assert len(children) == n_trials and len(set(keys)) == n_trials, "one child run per trial, no duplicates"
     assert set(keys) == {f"{sweep}/{r['trial_id']}" for r in table}
     by_trial = {r["trial_id"]: r for r in table}
     for child in children:
-        row = by_trial[child.data.tags[D.TAG_TRIAL_ID]]
-        assert child.data.tags[D.TAG_TRIAL_STATUS] == row["status"]
+        row = by_trial[child.data.tags[tags.TAG_TRIAL_ID]]
+        assert child.data.tags[tags.TAG_TRIAL_STATUS] == row["status"]
         assert child.info.status == D.MLFLOW_STATUS[row["status"]]  # FINISHED / KILLED (pruned)
         assert {"val_mse", "val_mae", "val_ssim", "val_psnr", "train_loss"} <= set(child.data.metrics)
         assert child.data.metrics["val_mse"] > 0
-    best_run_id = parent.data.tags["vmrnn.best_run_id"]
+    best_run_id = parent.data.tags[tags.TAG_BEST_RUN_ID]
     return {"client": client, "parent": parent, "best_run_id": best_run_id, "table": table}
 
 
@@ -70,10 +71,10 @@ def check_champion(client, best_run_id: str, sweep: str) -> None:
     from vmrnn.tune import defaults as D
 
     name = D.registered_model_name("taxibj")
-    champion = client.get_model_version_by_alias(name, D.CHAMPION)
+    champion = client.get_model_version_by_alias(name, tags.CHAMPION)
     assert champion.run_id == best_run_id
-    assert champion.tags[D.TAG_SWEEP] == sweep and float(champion.tags["val_mse"]) > 0
-    assert champion.tags[D.TAG_EVAL_DATA] == "synthetic" and json.loads(champion.tags["config"])["preset"]
+    assert champion.tags[tags.TAG_SWEEP] == sweep and float(champion.tags["val_mse"]) > 0
+    assert champion.tags[tags.TAG_EVAL_DATA] == "synthetic" and json.loads(champion.tags["config"])["preset"]
     versions = client.search_model_versions(f"name = '{name}'")
     assert len([v for v in versions if v.run_id == best_run_id]) == 1, "the run is registered once"
 

@@ -15,7 +15,7 @@ from vmrnn.tune import defaults as D
 from vmrnn.tune import spaces
 from vmrnn.tune.local_ray import ClusterInfo, plan_resources
 from vmrnn.tune.scheduler import EpochASHA, epochs_done
-from vmrnn.tune.sweep import SweepError, build_parser, resolve_settings
+from vmrnn.tune.args import SweepError, build_parser, resolve_settings
 
 SPECS = {name: runpy.run_path(str(REPO / "sweeps" / f"{name}.py"))["SPEC"] for name in ("taxibj", "kth", "mmnist")}
 

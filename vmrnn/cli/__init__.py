@@ -7,7 +7,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-# Modules that add sub-commands; one that is missing (not written yet) is skipped.
+# Modules that add sub-commands, each with `register(subparsers)`.
 COMMAND_MODULES = ("vmrnn.cli.data", "vmrnn.cli.train", "vmrnn.cli.bench", "vmrnn.cli.info")
 
 
@@ -20,29 +20,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that mean 'bad input', not 'bug': shown without a traceback."""
+    # Deferred until a command fails (main's `except` evaluates this only then): both import torch.
+    from vmrnn.data.errors import DataError
     from vmrnn.models import CheckpointMismatch, ConfigError
 
     # OSErrors of paths the user named (a file where a folder should be, no permission, ...) too.
-    types: list[type[BaseException]] = [UserError, ConfigError, CheckpointMismatch, FileNotFoundError,
-                                        NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError]
-    try:
-        from vmrnn.data.errors import DataError
-        types.append(DataError)
-    except ImportError:
-        pass
-    return tuple(types)
+    return (UserError, ConfigError, CheckpointMismatch, DataError, FileNotFoundError, NotADirectoryError,
+            IsADirectoryError, FileExistsError, PermissionError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

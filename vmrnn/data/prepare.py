@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from vmrnn import __version__
 from vmrnn.data import kth as kth_mod
 from vmrnn.data.arrowio import ArrowRows, ArrowRowWriter
 from vmrnn.data.errors import DataError, DataFormatError, DatasetNotFoundError
@@ -232,7 +233,7 @@ def prepare_dataset(name: str, data_dir: str | os.PathLike, out_dir: str | os.Pa
     source = source_record(src)
     manifest: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "dataset": family,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "vmrnn_version": _version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "vmrnn_version": __version__,
         "source_dir": str(loc.dataset_dir.resolve()), "source": source, "parts": {},
     }
     if family == "kth":
@@ -296,11 +297,3 @@ def _consume(results: Any, cat: kth_mod.Catalog, offsets: np.ndarray, w: ArrowRo
         content.update("".join(digests).encode())
         if (v + 1) % 100 == 0:
             log(f"  {part}: {v + 1}/{len(cat.videos)} videos")
-
-
-def _version() -> str:
-    try:
-        from vmrnn import __version__
-        return __version__
-    except ImportError:  # pragma: no cover
-        return "unknown"

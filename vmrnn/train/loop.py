@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from vmrnn.models import build_model
 from vmrnn.train import metrics_bridge
-from vmrnn.train.config import TrainConfig
+from vmrnn.train.config import TrainConfig, TrainConfigError
 from vmrnn.train.distributed import (
     DistEnv,
     ShardSampler,
@@ -117,8 +117,6 @@ def make_train_loader(ds: Dataset, cfg: TrainConfig, env: DistEnv) -> tuple[Data
     n = len(ds)
     per_rank = n // env.world_size
     if per_rank < cfg.batch_size:
-        from vmrnn.train.config import TrainConfigError
-
         raise TrainConfigError(
             f"training option 'batch_size' {cfg.batch_size} is larger than the {per_rank} training samples "
             f"per worker ({n} samples over {env.world_size} worker(s)); lower batch_size or use fewer workers")
@@ -219,8 +217,10 @@ def run_training(cfg: TrainConfig, env: DistEnv | None = None, *, resume: dict[s
 
     `on_epoch_end` is called on every rank after each epoch (metrics already summed over ranks);
     `tracker` (rank 0) is an opened `vmrnn.tracking.runs.RunTracker` or None. Raises `TrainingDiverged`.
+    `cfg` is resolved by the caller, once per run (`train`, or the Ray driver for its workers).
     """
-    cfg = cfg.resolved()  # idempotent: fills whatever a caller left unset
+    if not cfg.is_resolved:
+        raise TrainConfigError("run_training needs a resolved config: pass cfg.resolved()")
     env = env or current_env(cfg.device)
     spec = dataset_spec(cfg)
     n_input, n_future = spec.in_frames, spec.out_frames

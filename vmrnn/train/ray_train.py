@@ -127,15 +127,14 @@ def raise_if_failed(summary: Any) -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train worker entry. config: {"train_config": TrainConfig dict (resolved, with run_key, as
-    `build_trainer` passes it), "threads_per_worker": int, "fault_injection": test hook}, or a plain
-    TrainConfig dict. Returns a summary (rank 0's becomes `Result.return_value`)."""
+    """Ray Train worker entry. config: {"train_config": TrainConfig dict (resolved in the driver, with
+    run_key, as `build_trainer` passes it), "threads_per_worker": int, "fault_injection": test hook}, or a
+    plain resolved TrainConfig dict. Returns a summary (rank 0's becomes `Result.return_value`)."""
     import torch
 
     if "train_config" not in config:
         config = {"train_config": config}
     cfg = TrainConfig.from_dict(config["train_config"])
-    cfg = cfg.resolved()  # idempotent: fills whatever a caller left unset
     fault = config.get("fault_injection")
     env = _ray_env()
     cfg = effective_config(cfg, env)  # before the MLflow run opens: its params record what runs
@@ -225,8 +224,16 @@ def build_trainer(cfg: TrainConfig, *, num_workers: int, use_gpu: bool, resource
     """A TorchTrainer that runs `train_loop_per_worker` on `num_workers` workers (gloo on CPU, NCCL on GPU).
 
     `cfg.batch_size` is per worker. The caller owns `run_config` (name, storage_path, failure_config,
-    checkpoint_config, callbacks); a run_config without failure/checkpoint settings keeps Ray's defaults."""
-    cfg = prepare_config(cfg)
+    checkpoint_config, callbacks); a run_config without failure/checkpoint settings keeps Ray's defaults.
+    `cfg` is resolved here (prepare_config), once: the workers get it resolved."""
+    return _trainer(prepare_config(cfg), num_workers=num_workers, use_gpu=use_gpu,
+                    resources_per_worker=resources_per_worker, run_config=run_config,
+                    fault_injection=fault_injection, threads_per_worker=threads_per_worker)
+
+
+def _trainer(cfg: TrainConfig, *, num_workers: int, use_gpu: bool, resources_per_worker: dict | None,
+             run_config: RunConfig, fault_injection: dict[str, Any] | None, threads_per_worker: int) -> TorchTrainer:
+    """build_trainer for a config from prepare_config."""
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", WORKER_GROUP_START_TIMEOUT_S)
     if num_workers < 1:
         from vmrnn.train.config import TrainConfigError
@@ -268,9 +275,8 @@ def fit(cfg: TrainConfig | dict[str, Any], num_workers: int = 1, use_gpu: bool =
         checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
         callbacks=[ProgressCallback(int(cfg.epochs or 0))] if progress else [],
     )
-    trainer = build_trainer(cfg, num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker,
-                            run_config=run_config, fault_injection=fault_injection,
-                            threads_per_worker=threads_per_worker)
+    trainer = _trainer(cfg, num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker,
+                       run_config=run_config, fault_injection=fault_injection, threads_per_worker=threads_per_worker)
     result = trainer.fit()
     raise_if_failed(result.return_value)
     return result

@@ -7,6 +7,8 @@ from vmrnn.tune.spaces import SweepSpec
 
 
 def main(spec: SweepSpec, argv: list[str] | None = None) -> int:
+    # Deferred: the driver loads Optuna, torch and the training layer; importing a name from
+    # vmrnn.tune (defaults, spaces) should not.
     from vmrnn.tune.sweep import main as _main
 
     return _main(spec, argv)

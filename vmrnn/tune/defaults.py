@@ -5,25 +5,6 @@ from __future__ import annotations
 
 import os
 
-# The sweep modules read these MLflow names as D.<NAME>; they are defined once, in vmrnn.tracking.
-from vmrnn.tracking.experiments import default_experiment  # noqa: F401
-from vmrnn.tracking.tags import (  # noqa: F401
-    CHALLENGER,
-    CHAMPION,
-    ROLE_SWEEP,
-    ROLE_TRIAL,
-    TAG_DATASET,
-    TAG_ERROR,
-    TAG_EVAL_DATA,
-    TAG_ROLE,
-    TAG_RUN_KEY,
-    TAG_SWEEP,
-    TAG_SWEEP_STATUS,
-    TAG_TRIAL_ID,
-    TAG_TRIAL_STATUS,
-)
-from vmrnn.tracking.uris import default_tracking_uri  # noqa: F401
-
 # The metric every sweep optimises, and its direction. The training layer reports it once per epoch.
 METRIC = "val_mse"
 MODE = "min"
@@ -57,6 +38,11 @@ def smoke_cache_dir() -> str:
     base = os.environ.get("VMRNN_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vmrnn")
     return os.path.join(base, "synthetic")
+
+
+def smoke_data_dir(dataset: str) -> str:
+    """The data of `--smoke` without --data-dir: small synthetic data in the real layout."""
+    return os.path.join(smoke_cache_dir(), f"{dataset}-small-seed0")
 
 
 # --smoke: a tiny model on small synthetic data, on CPU, in a few minutes on 2 cores.

@@ -8,6 +8,9 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
+from ray._private import ray_constants
+
 import vmrnn
 
 
@@ -32,8 +35,6 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, log_to_d
     (Train V2 cleans up placement groups through the State API it serves) and sends no usage stats
     unless told to. Its workers get this checkout on PYTHONPATH, so they import the same `vmrnn`.
     """
-    import ray
-
     address = address or os.environ.get("RAY_ADDRESS") or None
     context = None
     if ray.is_initialized():
@@ -49,8 +50,6 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, log_to_d
         if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].strip().lower() in ("0", "false"):
             # Ray read this variable when it was imported (before we could set it): tell this process
             # too, so that the node it starts takes 127.0.0.1 as its address, like its children will.
-            from ray._private import ray_constants
-
             ray_constants.ENABLE_RAY_CLUSTER = False
         root = _package_root()
         paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -88,8 +87,6 @@ def _dashboard_port() -> int:
 
 
 def shutdown_if_local(info: ClusterInfo | None) -> None:
-    import ray
-
     if info is not None and info.mode == "local" and ray.is_initialized():
         ray.shutdown()
 

@@ -10,7 +10,9 @@ from typing import Any
 from ray.tune import Callback
 
 from vmrnn.tune import defaults as D
+from vmrnn.tune.results import status_of_trial, trial_status
 from vmrnn.tune.scheduler import epochs_done
+from vmrnn.tracking.sweeps import SweepTracker
 from vmrnn.tune.values import finite_float
 
 log = logging.getLogger(__name__)
@@ -24,20 +26,6 @@ _CURRENT: dict[str, Any] = {}
 def bind_sweep(**values: Any) -> None:
     _CURRENT.clear()
     _CURRENT.update(values)
-
-
-def trial_status(trial, epochs: int) -> str:
-    """Our status of a Tune trial: a terminated trial that stopped before the last epoch was pruned by
-    ASHA (Tune marks those results done=True as well, so only the epoch tells them apart)."""
-    status = getattr(trial, "status", "PENDING")
-    if status == "ERROR":
-        return D.TRIAL_FAILED
-    if status == "TERMINATED":
-        done = epochs_done(trial.last_result)
-        return D.TRIAL_FINISHED if done is not None and done >= epochs else D.TRIAL_PRUNED
-    if status in ("RUNNING", "PAUSED"):
-        return D.TRIAL_RUNNING
-    return D.TRIAL_PENDING
 
 
 def trial_best(trial) -> float | None:
@@ -75,7 +63,7 @@ class ProgressTable(Callback):
         best_all: tuple[float, str] | None = None
         counts: dict[str, int] = {}
         for t in trials:
-            status = trial_status(t, self.epochs)
+            status = status_of_trial(t, self.epochs)
             counts[status] = counts.get(status, 0) + 1
             last = t.last_result or {}
             epoch = epochs_done(last)
@@ -157,7 +145,6 @@ class TrialStatusToMLflow(Callback):
     def _mark(self, trial, status: str, error: str | None = None) -> None:
         try:
             if self._tracker is None:
-                from vmrnn.tracking.sweeps import SweepTracker
                 self._tracker = SweepTracker(self.tracking_uri, self.experiment)
             self._tracker.mark_trial(sweep=self.sweep, trial_id=trial.trial_id, status=status,
                                      parent_run_id=self.parent_run_id, error=error,
@@ -166,8 +153,7 @@ class TrialStatusToMLflow(Callback):
             log.warning("could not record trial %s as %s in MLflow: %s", trial.trial_id, status, exc)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        done = epochs_done(trial.last_result)
-        self._mark(trial, D.TRIAL_FINISHED if done is not None and done >= self.epochs else D.TRIAL_PRUNED)
+        self._mark(trial, trial_status(trial.last_result, self.epochs, ended=True))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._mark(trial, D.TRIAL_FAILED, trial_error_text(trial))
+        self._mark(trial, trial_status(trial.last_result, self.epochs, failed=True), trial_error_text(trial))

@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ray import tune
+
+from vmrnn.tracking import tags
+from vmrnn.train.config import TrainConfig
 from vmrnn.tune import defaults as D
 from vmrnn.tune.spaces import split_params
 from vmrnn.tracking.sweeps import run_key
@@ -29,29 +33,30 @@ class TrialSetup:
     threads_per_worker: int = 1  # torch threads of a CPU worker
 
 
-def trial_train_config(setup: TrialSetup, params: dict[str, Any], trial_id: str):
-    """The TrainConfig of one trial: the shared base, the sampled point, and the trial's MLflow identity
-    (child of the sweep's parent run, continued across restarts through run_key = <sweep>/<trial_id>)."""
-    from vmrnn.train.config import TrainConfig
-
+def trial_train_config(setup: TrialSetup, params: dict[str, Any], trial_id: str) -> TrainConfig:
+    """The TrainConfig of one trial, not resolved yet: the shared base, the sampled point, and the trial's
+    MLflow identity (child of the sweep's parent run, continued across restarts through
+    run_key = <sweep>/<trial_id>)."""
     train, model = split_params(params)
     d = dict(setup.base)
     d.update(train)
     d["model"] = {**dict(setup.base.get("model") or {}), **model}
     d["run_key"] = run_key(setup.sweep, trial_id)
     d["run_name"] = f"{setup.sweep}-{trial_id}"
-    d["tags"] = {**dict(setup.base.get("tags") or {}), **setup.tags, D.TAG_SWEEP: setup.sweep,
-                 D.TAG_ROLE: D.ROLE_TRIAL, D.TAG_TRIAL_ID: trial_id}
+    d["tags"] = {**dict(setup.base.get("tags") or {}), **setup.tags, tags.TAG_SWEEP: setup.sweep,
+                 tags.TAG_ROLE: tags.ROLE_TRIAL, tags.TAG_TRIAL_ID: trial_id}
     return TrainConfig.from_dict(d)
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
-    """The Tune trainable: fit one data-parallel TorchTrainer; its workers' reports become the trial's."""
+    """The Tune trainable: fit one data-parallel TorchTrainer; its workers' reports become the trial's.
+
+    The trial's config is resolved once, here (build_trainer), and its workers get it resolved."""
+    # Deferred: Ray Train (and torch.distributed) load in the trial's own process, not in the sweep driver.
     import ray.train
-    from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from vmrnn.train.ray_train import build_trainer
+    from vmrnn.train.ray_train import build_trainer, raise_if_failed
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_train_config(setup, config, trial_id)
@@ -71,6 +76,4 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         raise error
     # The workers return (rather than raise) on a NaN/inf loss and on bad input, so that Ray does not
     # retry what would fail again: fail the trial here with that reason (it was not pruned).
-    from vmrnn.train.ray_train import raise_if_failed
-
     raise_if_failed(getattr(result, "return_value", None))

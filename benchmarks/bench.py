@@ -1,6 +1,6 @@
 """Same as `vmrnn bench` (see vmrnn/bench.py), runnable without installing the package:
 
-    python benchmarks/bench.py --presets taxibj,kth --modes fast --check --json out.json
+python benchmarks/bench.py --presets taxibj,kth --modes fast --check --json out.json
 """
 
 import sys

@@ -32,8 +32,15 @@ BATCH = {"taxibj": 16, "mmnist": 16, "kth": 4, "kth40": 4, "custom": 16}
 
 def measure(name: str, data_dir: Path, prepared: str, workers: int, seconds: float, batch: int) -> dict:
     ds = build_dataset(name, data_dir, "train", prepared=prepared)
-    loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    loader = DataLoader(
+        ds,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
     # warm-up: start the workers and open their memory maps
     it = iter(loader)
     for _ in range(min(4, len(loader))):
@@ -49,9 +56,16 @@ def measure(name: str, data_dir: Path, prepared: str, workers: int, seconds: flo
         n += x.shape[0]
     dt = time.perf_counter() - t0
     del it, loader
-    return {"dataset": name, "source": prepared, "batch": batch, "workers": workers, "samples": n,
-            "seconds": round(dt, 2), "samples_per_s": round(n / dt, 1),
-            "sample_shape": [list(ds[0][0].shape), list(ds[0][1].shape)]}
+    return {
+        "dataset": name,
+        "source": prepared,
+        "batch": batch,
+        "workers": workers,
+        "samples": n,
+        "seconds": round(dt, 2),
+        "samples_per_s": round(n / dt, 1),
+        "sample_shape": [list(ds[0][0].shape), list(ds[0][1].shape)],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,13 +97,21 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     print(f"{'dataset':8s} {'from':8s} {'batch':>5s} {'workers':>7s} {'samples/s':>10s}  sample")
     for n in names:
-        for prepared in (("require", "never") if args.source else ("require",)):
+        for prepared in ("require", "never") if args.source else ("require",):
             r = measure(n, data_dir, prepared, args.workers, args.seconds, BATCH[n])
             results.append(r)
-            print(f"{n:8s} {'prepared' if prepared == 'require' else 'source':8s} {r['batch']:5d} {r['workers']:7d} "
-                  f"{r['samples_per_s']:10.1f}  {r['sample_shape']}", flush=True)
-    info = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-            "torch": torch.__version__, "command": " ".join(sys.argv), "results": results}
+            print(
+                f"{n:8s} {'prepared' if prepared == 'require' else 'source':8s} {r['batch']:5d} {r['workers']:7d} "
+                f"{r['samples_per_s']:10.1f}  {r['sample_shape']}",
+                flush=True,
+            )
+    info = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+        "results": results,
+    }
     if args.json:
         args.json.write_text(json.dumps(info, indent=1))
     if tmp is not None:

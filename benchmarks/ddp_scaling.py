@@ -1,8 +1,10 @@
 """Data-parallel VMRNN with the plain-PyTorch core under torchrun: correctness and weak scaling.
 
   # correctness: N ranks with per-rank batch b must follow 1 rank with batch N*b (same seed, same data)
-  torchrun --standalone --nproc_per_node 1 benchmarks/ddp_scaling.py check --preset taxibj --global-batch 32 --out one.json
-  torchrun --standalone --nproc_per_node 2 benchmarks/ddp_scaling.py check --preset taxibj --global-batch 32 --out two.json
+  torchrun --standalone --nproc_per_node 1 benchmarks/ddp_scaling.py check --preset taxibj \
+      --global-batch 32 --out one.json
+  torchrun --standalone --nproc_per_node 2 benchmarks/ddp_scaling.py check --preset taxibj \
+      --global-batch 32 --out two.json
   python benchmarks/ddp_scaling.py compare one.json two.json
 
   # weak scaling: fixed per-rank batch, samples/s of the whole group
@@ -15,9 +17,9 @@ machines where NVLink multicast must stay off), gloo on CPU. Rank 0 writes the J
 from __future__ import annotations
 
 import argparse
-import os
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -34,8 +36,15 @@ from vmrnn.train.distributed import current_env, init_from_env  # noqa: E402
 from vmrnn.train.execution import MODES, resolve_execution  # noqa: E402
 from vmrnn.train.step import make_forecast, make_train_step  # noqa: E402
 
-FRAMES = {"taxibj": (4, 4), "kth": (10, 20), "mmnist": (10, 10), "mmnist-openstl": (10, 10),
-          "taxibj-tiny": (4, 4), "kth-tiny": (4, 4), "mmnist-tiny": (3, 3)}
+FRAMES = {
+    "taxibj": (4, 4),
+    "kth": (10, 20),
+    "mmnist": (10, 10),
+    "mmnist-openstl": (10, 10),
+    "taxibj-tiny": (4, 4),
+    "kth-tiny": (4, 4),
+    "mmnist-tiny": (3, 3),
+}
 
 
 def waves(n: int, t: int, c: int, size: int, seed: int) -> torch.Tensor:
@@ -69,8 +78,9 @@ def check(args) -> dict:
     # fp32 by default: the comparison is about the reduction, not precision (fp32-graphs: the captured step)
     execution = resolve_execution(args.execution, device_type=env.device.type, world_size=env.world_size)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    step = make_train_step(model, opt, n_input=n_in, execution=execution, device=env.device,
-                           grad_sync=env.gradient_sync(model))
+    step = make_train_step(
+        model, opt, n_input=n_in, execution=execution, device=env.device, grad_sync=env.gradient_sync(model)
+    )
     losses = []
     for i in range(args.steps):
         frames = waves(args.global_batch, n_in + n_out, cfg.in_chans, cfg.img_size, seed=1000 + i)
@@ -85,15 +95,23 @@ def check(args) -> dict:
     acc = MetricAccumulator(mode="standard", n_frames=n_out, device=env.device)
     model.eval()
     for j in range(env.rank, args.val_samples, env.world_size):
-        x = val[j:j + 1].to(env.device)
-        acc.update(forecast(x)[:, n_in - 1:].clamp(0, 1), x[:, n_in:])
+        x = val[j : j + 1].to(env.device)
+        acc.update(forecast(x)[:, n_in - 1 :].clamp(0, 1), x[:, n_in:])
     if env.distributed:
         acc.all_reduce()
     metrics = {k: v for k, v in acc.compute().items() if isinstance(v, (int, float))}
-    out = {"mode": "check", "execution": execution.describe(), "preset": args.preset, "world_size": env.world_size,
-           "per_rank_batch": b,
-           "global_batch": args.global_batch, "steps": args.steps, "losses": losses, "val": metrics,
-           "device": str(env.device)}
+    out = {
+        "mode": "check",
+        "execution": execution.describe(),
+        "preset": args.preset,
+        "world_size": env.world_size,
+        "per_rank_batch": b,
+        "global_batch": args.global_batch,
+        "steps": args.steps,
+        "losses": losses,
+        "val": metrics,
+        "device": str(env.device),
+    }
     if started:
         dist.destroy_process_group()
     return out
@@ -102,8 +120,12 @@ def check(args) -> dict:
 def speed(args) -> dict:
     started, env, model, n_in, n_out = setup(args)
     cfg = (model.module if hasattr(model, "module") else model).config
-    execution = resolve_execution(args.execution, {"checkpoint_steps": args.checkpoint_steps or None},
-                                  device_type=env.device.type, world_size=env.world_size)
+    execution = resolve_execution(
+        args.execution,
+        {"checkpoint_steps": args.checkpoint_steps or None},
+        device_type=env.device.type,
+        world_size=env.world_size,
+    )
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     # Under torchrun (even one rank) the step all-reduces its gradients; run without torchrun it is plain `fast`.
     grad_sync = env.gradient_sync(model)
@@ -122,12 +144,19 @@ def speed(args) -> dict:
         sync()
         times.append(time.perf_counter() - t0)
     ms = statistics.median(times) * 1e3
-    out = {"mode": "speed", "preset": args.preset, "world_size": env.world_size, "per_rank_batch": args.batch,
-           "execution": execution.describe(), "data_parallel": grad_sync is not None,
-           "step_ms": round(ms, 2),
-           "samples_per_s": round(env.world_size * args.batch / (ms / 1e3), 2), "device": str(env.device),
-           "gpu": torch.cuda.get_device_name() if env.device.type == "cuda" else None,
-           "torch": torch.__version__}
+    out = {
+        "mode": "speed",
+        "preset": args.preset,
+        "world_size": env.world_size,
+        "per_rank_batch": args.batch,
+        "execution": execution.describe(),
+        "data_parallel": grad_sync is not None,
+        "step_ms": round(ms, 2),
+        "samples_per_s": round(env.world_size * args.batch / (ms / 1e3), 2),
+        "device": str(env.device),
+        "gpu": torch.cuda.get_device_name() if env.device.type == "cuda" else None,
+        "torch": torch.__version__,
+    }
     if started:
         dist.destroy_process_group()
     return out
@@ -139,8 +168,13 @@ def compare(one: dict, many: dict) -> dict:
         raise SystemExit("the two runs have different step counts")
     loss_diff = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(one["losses"], many["losses"]))
     val_diff = max(abs(one["val"][k] - many["val"][k]) / max(abs(one["val"][k]), 1e-12) for k in one["val"])
-    return {"world_sizes": [one["world_size"], many["world_size"]], "max_loss_rel_diff": loss_diff,
-            "max_val_rel_diff": val_diff, "first_loss": one["losses"][0], "last_loss": one["losses"][-1]}
+    return {
+        "world_sizes": [one["world_size"], many["world_size"]],
+        "max_loss_rel_diff": loss_diff,
+        "max_val_rel_diff": val_diff,
+        "first_loss": one["losses"][0],
+        "last_loss": one["losses"][-1],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

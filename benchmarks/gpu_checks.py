@@ -21,15 +21,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vmrnn.models import SS2D, build_model, rollout_loss, set_scan_backend  # noqa: E402
+from vmrnn.models.ss2d import cross_merge, cross_scan  # noqa: E402
 from vmrnn.ops import cuda_scan_available, selective_scan  # noqa: E402
 from vmrnn.ops import ss2d_scan as fs  # noqa: E402
 from vmrnn.ops.scan_plan import scan_plan  # noqa: E402
-from vmrnn.models.ss2d import cross_merge, cross_scan  # noqa: E402
 
 PRESETS = {"taxibj": (16, 4, 4), "kth": (4, 10, 20), "mmnist": (16, 10, 10), "mmnist-openstl": (16, 10, 10)}
 # SS2D shapes (batch, H, W, model dim) met in the presets' blocks
-SHAPES = {"taxibj": (16, 8, 8, 128), "kth": (4, 64, 64, 128), "mmnist-l0": (16, 32, 32, 128),
-          "mmnist-l1": (16, 16, 16, 256), "mmnist-l2": (16, 8, 8, 512)}
+SHAPES = {
+    "taxibj": (16, 8, 8, 128),
+    "kth": (4, 64, 64, 128),
+    "mmnist-l0": (16, 32, 32, 128),
+    "mmnist-l1": (16, 16, 16, 256),
+    "mmnist-l2": (16, 8, 8, 512),
+}
 
 
 def timed(fn, warmup=2, iters=10):
@@ -52,8 +57,12 @@ def rel(a, b):
 
 
 def presets(out):
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "cuda_scan": cuda_scan_available(), "presets": {}}
+    res = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda_scan": cuda_scan_available(),
+        "presets": {},
+    }
     for name, (batch, n_in, n_out) in PRESETS.items():
         torch.manual_seed(0)
         model = build_model(name).cuda().train()
@@ -69,11 +78,17 @@ def presets(out):
 
         torch.cuda.reset_peak_memory_stats()
         ms = timed(fb, warmup=1, iters=3)
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+        peak = torch.cuda.max_memory_allocated() / 2**30
         loss = float(fb())
         ok = all(torch.isfinite(p).all() for p in model.parameters())
-        res["presets"][name] = {"batch": batch, "frames": f"{n_in}->{n_out}", "fwd_bwd_ms": round(ms, 2),
-                                "peak_gib": round(peak, 3), "loss": loss, "finite": bool(ok)}
+        res["presets"][name] = {
+            "batch": batch,
+            "frames": f"{n_in}->{n_out}",
+            "fwd_bwd_ms": round(ms, 2),
+            "peak_gib": round(peak, 3),
+            "loss": loss,
+            "finite": bool(ok),
+        }
         print(name, res["presets"][name], flush=True)
         del model, frames
         torch.cuda.empty_cache()
@@ -94,7 +109,9 @@ def scans(out, sweep):
             m.impl, m.scan_backend, m.fused_backend = impl, backend if impl == "reference" else "auto", backend
             for prec in ("fp32", "bf16"):
                 m.scan_fp32_inputs = prec == "fp32"
-                ctx = torch.autocast("cuda", torch.bfloat16) if prec == "bf16" else torch.autocast("cuda", enabled=False)
+                ctx = (
+                    torch.autocast("cuda", torch.bfloat16) if prec == "bf16" else torch.autocast("cuda", enabled=False)
+                )
                 xx = x.clone().requires_grad_(True)
 
                 def f():
@@ -137,8 +154,9 @@ def scans(out, sweep):
             def mamba_path():
                 xs = cross_scan(u.transpose(1, 2).reshape(b, d, h, w)).reshape(b, 4 * d, L)
                 dts = fs.to_scan_order(delta, h, w).reshape(b, 4 * d, L)
-                y = selective_scan(xs, dts, A, fs.to_scan_order(Bs, h, w), fs.to_scan_order(Cs, h, w), Ds, bias,
-                                   True, backend="cuda")
+                y = selective_scan(
+                    xs, dts, A, fs.to_scan_order(Bs, h, w), fs.to_scan_order(Cs, h, w), Ds, bias, True, backend="cuda"
+                )
                 return cross_merge(y.reshape(b, 4, d, L), h, w)
 
             def fused_path(plan=None):
@@ -189,19 +207,22 @@ def scan_variants(out):
             g = torch.Generator(device="cuda").manual_seed(ck + ub)
             b, h, w, d, n = 2, 32, 32, 64, 16
             L = h * w
-            t = [torch.randn(b, L, d, device="cuda", generator=g),
-                 torch.randn(b, L, 4, d, device="cuda", generator=g) * 0.5,
-                 -torch.exp(torch.randn(4 * d, n, device="cuda", generator=g) * 0.5 - 0.7),
-                 torch.randn(b, L, 4, 2 * n, device="cuda", generator=g),
-                 torch.randn(4 * d, device="cuda", generator=g),
-                 torch.randn(4 * d, device="cuda", generator=g) * 0.3 - 2.0]
+            t = [
+                torch.randn(b, L, d, device="cuda", generator=g),
+                torch.randn(b, L, 4, d, device="cuda", generator=g) * 0.5,
+                -torch.exp(torch.randn(4 * d, n, device="cuda", generator=g) * 0.5 - 0.7),
+                torch.randn(b, L, 4, 2 * n, device="cuda", generator=g),
+                torch.randn(4 * d, device="cuda", generator=g),
+                torch.randn(4 * d, device="cuda", generator=g) * 0.3 - 2.0,
+            ]
             go = torch.randn(b, L, 4, d, device="cuda", generator=g)
             outs = []
             plan = scan_plan(b, L, d, n, ck=ck, u_bwd=ub)
             for backend in ("torch", "triton"):
                 x = [a.clone().requires_grad_(True) for a in t]
-                y = fs.ss2d_scan(x[0], x[1], x[2], x[3][..., :n], x[3][..., n:], x[4], x[5], h, w, True,
-                                 backend=backend, plan=plan)
+                y = fs.ss2d_scan(
+                    x[0], x[1], x[2], x[3][..., :n], x[3][..., n:], x[4], x[5], h, w, True, backend=backend, plan=plan
+                )
                 (y * go).sum().backward()
                 outs.append([y.detach()] + [a.grad for a in x])
             r["plan_check"] = list(plan)

@@ -37,8 +37,17 @@ SPEC = SweepSpec(
         "drop_path": tune.uniform(0.0, 0.3),
     },
     # --smoke: the kth-tiny preset (patch 8, width 16, 1 block, d_state 4).
-    smoke_official={"lr": 1e-3, "warmup_epochs": 1, "weight_decay": 0.0, "batch_size": 2,
-                    "embed_dim": 16, "depth": 1, "d_state": 4, "patch_size": 8, "drop_path": 0.1},
+    smoke_official={
+        "lr": 1e-3,
+        "warmup_epochs": 1,
+        "weight_decay": 0.0,
+        "batch_size": 2,
+        "embed_dim": 16,
+        "depth": 1,
+        "d_state": 4,
+        "patch_size": 8,
+        "drop_path": 0.1,
+    },
     smoke_space={
         "lr": tune.loguniform(1e-4, 1e-2),
         "warmup_epochs": tune.randint(0, 2),

@@ -39,8 +39,17 @@ SPEC = SweepSpec(
         "drop_path": tune.uniform(0.0, 0.3),
     },
     # --smoke: the taxibj-tiny preset (patch 4, width 16, 2 blocks, d_state 4) and a space around it.
-    smoke_official={"lr": 4e-4, "warmup_epochs": 1, "weight_decay": 0.0, "batch_size": 4,
-                    "embed_dim": 16, "depth": 2, "d_state": 4, "patch_size": 4, "drop_path": 0.1},
+    smoke_official={
+        "lr": 4e-4,
+        "warmup_epochs": 1,
+        "weight_decay": 0.0,
+        "batch_size": 4,
+        "embed_dim": 16,
+        "depth": 2,
+        "d_state": 4,
+        "patch_size": 4,
+        "drop_path": 0.1,
+    },
     smoke_space={
         "lr": tune.loguniform(1e-4, 1e-2),
         "warmup_epochs": tune.randint(0, 2),

@@ -45,7 +45,8 @@ class BenchShape:
 # bench_presets (default: its preset and its smoke preset).
 SHAPES: dict[str, BenchShape] = {
     preset: BenchShape(preset, spec.bench_batch, spec.in_frames, spec.out_frames)
-    for spec in DATASETS.values() if spec.bench_batch is not None
+    for spec in DATASETS.values()
+    if spec.bench_batch is not None
     for preset in (spec.bench_presets or (spec.preset, spec.smoke_preset))
 }
 
@@ -67,8 +68,9 @@ def resolve_modes(names: Sequence[str]) -> dict[str, ExecutionConfig]:
     return {n: MODES[n] for n in dict.fromkeys(order)}
 
 
-def validate_request(modes: Sequence[str], *, check: bool = False, curve_modes: Sequence[str] = (),
-                     curve_ref: str = "reference") -> dict[str, ExecutionConfig]:
+def validate_request(
+    modes: Sequence[str], *, check: bool = False, curve_modes: Sequence[str] = (), curve_ref: str = "reference"
+) -> dict[str, ExecutionConfig]:
     """The modes to run (`resolve_modes`); ValueError naming a mode or combination that does not exist."""
     table = resolve_modes(modes)
     for m in (curve_ref, *curve_modes):
@@ -109,11 +111,19 @@ def _free() -> None:
 
 
 def _gib(nbytes: int) -> float:
-    return nbytes / 2 ** 30
+    return nbytes / 2**30
 
 
-def time_mode(preset: str, shape: BenchShape, execution: ExecutionConfig, init_state: dict, device,
-              warmup: int, iters: int, infer: bool = True) -> dict[str, Any]:
+def time_mode(
+    preset: str,
+    shape: BenchShape,
+    execution: ExecutionConfig,
+    init_state: dict,
+    device,
+    warmup: int,
+    iters: int,
+    infer: bool = True,
+) -> dict[str, Any]:
     """Time one mode's training step and inference rollout, from the given initial weights."""
     res: dict[str, Any] = {"mode": execution.describe()}
     model = build_model(preset).to(device)
@@ -153,8 +163,9 @@ def time_mode(preset: str, shape: BenchShape, execution: ExecutionConfig, init_s
     return res
 
 
-def loss_and_grads(preset: str, shape: BenchShape, execution: ExecutionConfig, init_state: dict, device,
-                   seed: int = 1) -> tuple[float, dict[str, torch.Tensor]]:
+def loss_and_grads(
+    preset: str, shape: BenchShape, execution: ExecutionConfig, init_state: dict, device, seed: int = 1
+) -> tuple[float, dict[str, torch.Tensor]]:
     """Loss and gradients of one training step (drop-path off, lr 0: the weights do not move).
 
     TF32 is off for the check (cuDNN enables it for convolutions by default, and the NCHW and
@@ -192,10 +203,15 @@ def compare(ref: tuple[float, dict], got: tuple[float, dict]) -> dict[str, Any]:
     # in exact arithmetic, e.g. a conv bias right before a one-channel-per-group GroupNorm)
     errs = {n: (g1[n] - g0[n]).norm().item() / max(g0[n].norm().item(), 1e-2 * den, 1e-30) for n in common}
     worst = max(errs, key=errs.get) if errs else None
-    return {"loss_ref": l0, "loss": l1, "loss_rel_err": abs(l1 - l0) / max(abs(l0), 1e-30),
-            "grad_rel_err_global": num / max(den, 1e-30),
-            "grad_rel_err_worst_tensor": errs.get(worst, float("nan")), "worst_tensor": worst,
-            "missing_grads": missing}
+    return {
+        "loss_ref": l0,
+        "loss": l1,
+        "loss_rel_err": abs(l1 - l0) / max(abs(l0), 1e-30),
+        "grad_rel_err_global": num / max(den, 1e-30),
+        "grad_rel_err_worst_tensor": errs.get(worst, float("nan")),
+        "worst_tensor": worst,
+        "missing_grads": missing,
+    }
 
 
 def synthetic_sequences(n: int, shape: BenchShape, cfg, seed: int = 0) -> torch.Tensor:
@@ -207,8 +223,7 @@ def synthetic_sequences(n: int, shape: BenchShape, cfg, seed: int = 0) -> torch.
     vel = (torch.rand(n, n_blobs, 2, generator=g) - 0.5) * s / 8
     sigma = (torch.rand(n, n_blobs, 1, generator=g) * 0.08 + 0.05) * s
     amp = torch.rand(n, n_blobs, c, generator=g) * 0.7 + 0.3
-    yy, xx = torch.meshgrid(torch.arange(s, dtype=torch.float32), torch.arange(s, dtype=torch.float32),
-                            indexing="ij")
+    yy, xx = torch.meshgrid(torch.arange(s, dtype=torch.float32), torch.arange(s, dtype=torch.float32), indexing="ij")
     frames = []
     for _ in range(t):
         d2 = (yy[None, None] - pos[..., 0, None, None]) ** 2 + (xx[None, None] - pos[..., 1, None, None]) ** 2
@@ -221,8 +236,17 @@ def synthetic_sequences(n: int, shape: BenchShape, cfg, seed: int = 0) -> torch.
     return torch.stack(frames, 1)
 
 
-def loss_curve(preset: str, shape: BenchShape, execution: ExecutionConfig, init_state: dict, device,
-               steps: int, data: torch.Tensor, lr: float = 4e-4, seed: int = 0) -> list[float]:
+def loss_curve(
+    preset: str,
+    shape: BenchShape,
+    execution: ExecutionConfig,
+    init_state: dict,
+    device,
+    steps: int,
+    data: torch.Tensor,
+    lr: float = 4e-4,
+    seed: int = 0,
+) -> list[float]:
     model = build_model(preset).to(device)
     model.load_state_dict(init_state)
     model.train()
@@ -242,14 +266,25 @@ def loss_curve(preset: str, shape: BenchShape, execution: ExecutionConfig, init_
 
 
 def window_means(xs: Sequence[float], window: int) -> list[float]:
-    return [sum(xs[i:i + window]) / len(xs[i:i + window]) for i in range(0, len(xs), window)]
+    return [sum(xs[i : i + window]) / len(xs[i : i + window]) for i in range(0, len(xs), window)]
 
 
-def run_bench(presets: Sequence[str], modes: Sequence[str], *, warmup: int = 3, iters: int = 10,
-              check: bool = False, curve_steps: int = 0, curve_presets: Sequence[str] = ("taxibj",),
-              curve_modes: Sequence[str] = ("fast",), curve_ref: str = "reference", infer: bool = True,
-              device: str = "cuda", command: str | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_bench(
+    presets: Sequence[str],
+    modes: Sequence[str],
+    *,
+    warmup: int = 3,
+    iters: int = 10,
+    check: bool = False,
+    curve_steps: int = 0,
+    curve_presets: Sequence[str] = ("taxibj",),
+    curve_modes: Sequence[str] = ("fast",),
+    curve_ref: str = "reference",
+    infer: bool = True,
+    device: str = "cuda",
+    command: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Time (and with `check` compare) every mode of `modes` (see `resolve_modes`) on each preset.
 
     `command`: the command line that asked for this run, kept in the report."""
@@ -258,17 +293,25 @@ def run_bench(presets: Sequence[str], modes: Sequence[str], *, warmup: int = 3, 
         raise RuntimeError("vmrnn bench needs a CUDA GPU (it times with CUDA events)")
     dev = torch.device(device)
     report: dict[str, Any] = {
-        "command": command, "date": _dt.date.today().isoformat(), "device": torch.cuda.get_device_name(dev),
-        "torch": torch.__version__, "cuda": torch.version.cuda, "warmup": warmup, "iters": iters,
+        "command": command,
+        "date": _dt.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(dev),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "warmup": warmup,
+        "iters": iters,
         "modes": {n: m.describe() for n, m in table.items()},
-        "baselines": [b for b in BASELINES if b in table], "presets": {},
+        "baselines": [b for b in BASELINES if b in table],
+        "presets": {},
     }
     try:
         import triton  # noqa: PLC0415
+
         report["triton"] = triton.__version__
     except ImportError:
         pass
     from vmrnn.ops import cuda_scan_available  # noqa: PLC0415
+
     report["mamba_ssm_kernel"] = cuda_scan_available()
     for preset in presets:
         shape = SHAPES[preset]
@@ -314,10 +357,17 @@ def run_bench(presets: Sequence[str], modes: Sequence[str], *, warmup: int = 3, 
                 w = window_means(curves[m], window)
                 dev_rel = [abs(a - b) / b for a, b in zip(w, ref_w)]
                 summary[m] = {"max_window_rel_dev": max(dev_rel), "final_window": w[-1], "ref_final_window": ref_w[-1]}
-                log(f"curve {preset} {m} vs {curve_ref}: {curve_steps} steps, max |window mean - ref| / ref = "
-                    f"{max(dev_rel):.4f}; last window {w[-1]:.5f} vs {ref_w[-1]:.5f}")
-            pres["curve"] = {"steps": curve_steps, "window": window, "ref": curve_ref, "summary": summary,
-                             "losses": curves}
+                log(
+                    f"curve {preset} {m} vs {curve_ref}: {curve_steps} steps, max |window mean - ref| / ref = "
+                    f"{max(dev_rel):.4f}; last window {w[-1]:.5f} vs {ref_w[-1]:.5f}"
+                )
+            pres["curve"] = {
+                "steps": curve_steps,
+                "window": window,
+                "ref": curve_ref,
+                "summary": summary,
+                "losses": curves,
+            }
     return report
 
 
@@ -347,8 +397,10 @@ def _ratio_text(e: dict[str, Any], key: str) -> str:
 def format_row(preset: str, name: str, e: dict[str, Any]) -> str:
     if "error" in e:
         return f"{preset:<15} {name:<20} ERROR {e['error'][:300]}"
-    s = (f"{preset:<15} {name:<20} train {e['train_ms']:9.2f} ms {e['train_samples_s']:8.1f} samp/s "
-         f"{e['train_peak_gib']:7.2f} GiB {_ratio_text(e, 'train_speedup')}")
+    s = (
+        f"{preset:<15} {name:<20} train {e['train_ms']:9.2f} ms {e['train_samples_s']:8.1f} samp/s "
+        f"{e['train_peak_gib']:7.2f} GiB {_ratio_text(e, 'train_speedup')}"
+    )
     if "infer_ms" in e:
         s += f" | infer {e['infer_ms']:9.2f} ms {e['infer_peak_gib']:6.2f} GiB {_ratio_text(e, 'infer_speedup')}"
     if "check" in e:
@@ -356,7 +408,10 @@ def format_row(preset: str, name: str, e: dict[str, Any]) -> str:
         if "error" in c:
             s += f" | check ERROR {c['error'][:200]}"
         else:
-            s += f" | loss err {c['loss_rel_err']:.1e} grad err {c['grad_rel_err_global']:.1e} (worst {c['grad_rel_err_worst_tensor']:.1e})"
+            s += (
+                f" | loss err {c['loss_rel_err']:.1e} grad err {c['grad_rel_err_global']:.1e}"
+                f" (worst {c['grad_rel_err_worst_tensor']:.1e})"
+            )
     return s
 
 

@@ -62,8 +62,14 @@ def mae_per_frame(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     return (pred.double() - true.double()).abs().sum(dim=(2, 3, 4))
 
 
-def ssim_per_frame(pred: torch.Tensor, true: torch.Tensor, data_range: float, win_size: int = SSIM_WIN,
-                   k1: float = SSIM_K1, k2: float = SSIM_K2) -> torch.Tensor:
+def ssim_per_frame(
+    pred: torch.Tensor,
+    true: torch.Tensor,
+    data_range: float,
+    win_size: int = SSIM_WIN,
+    k1: float = SSIM_K1,
+    k2: float = SSIM_K2,
+) -> torch.Tensor:
     """(B, T) float64 SSIM, channels averaged; equals skimage ``structural_similarity(p, t,
     data_range=data_range, channel_axis=...)`` per frame (uniform window, sample covariance)."""
     _check(pred, true)
@@ -78,7 +84,7 @@ def ssim_per_frame(pred: torch.Tensor, true: torch.Tensor, data_range: float, wi
     out = []
     step = _CHUNK_FRAMES * max(1, c)
     for s in range(0, x.shape[0], step):
-        xs, ys = x[s: s + step].double(), y[s: s + step].double()
+        xs, ys = x[s : s + step].double(), y[s : s + step].double()
         stats = F.avg_pool2d(torch.cat([xs, ys, xs * xs, ys * ys, xs * ys], dim=1), win_size, stride=1)
         ux, uy, uxx, uyy, uxy = stats.unbind(dim=1)
         vx = cov_norm * (uxx - ux * ux)
@@ -222,8 +228,12 @@ class MetricAccumulator:
         s = self._state.detach().cpu()
         per_frame = s[: len(METRICS)] / s[len(METRICS)]
         out: dict[str, Any] = {k: float(per_frame[i].mean()) for i, k in enumerate(METRICS)}
-        out.update(count=self.count, n_frames=self.n_frames, mode=self.mode,
-                   per_frame={k: [float(v) for v in per_frame[i]] for i, k in enumerate(METRICS)})
+        out.update(
+            count=self.count,
+            n_frames=self.n_frames,
+            mode=self.mode,
+            per_frame={k: [float(v) for v in per_frame[i]] for i, k in enumerate(METRICS)},
+        )
         return out
 
 
@@ -234,5 +244,14 @@ def compute_metrics(pred: torch.Tensor, true: torch.Tensor, mode: str = "paper")
     return acc.compute()
 
 
-__all__ = ["METRICS", "MODES", "MetricAccumulator", "compute_metrics", "mae_per_frame", "metrics_per_frame",
-           "mse_per_frame", "psnr_per_frame", "ssim_per_frame"]
+__all__ = [
+    "METRICS",
+    "MODES",
+    "MetricAccumulator",
+    "compute_metrics",
+    "mae_per_frame",
+    "metrics_per_frame",
+    "mse_per_frame",
+    "psnr_per_frame",
+    "ssim_per_frame",
+]

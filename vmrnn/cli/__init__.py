@@ -31,8 +31,17 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from vmrnn.models import CheckpointMismatch, ConfigError
 
     # OSErrors of paths the user named (a file where a folder should be, no permission, ...) too.
-    return (UserError, ConfigError, CheckpointMismatch, DataError, FileNotFoundError, NotADirectoryError,
-            IsADirectoryError, FileExistsError, PermissionError)
+    return (
+        UserError,
+        ConfigError,
+        CheckpointMismatch,
+        DataError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        FileExistsError,
+        PermissionError,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,9 +1,9 @@
 """`vmrnn data`: write synthetic datasets, convert datasets to the prepared format, inspect them.
 
-    vmrnn data synth   --dataset NAME --out DIR [--seed N] [--size small|medium] [--overwrite]
-    vmrnn data prepare --dataset NAME --data-dir DIR [--out DIR] [--workers N]
-    vmrnn data info    --dataset NAME --data-dir DIR [--prepared auto|never|require]
-    vmrnn data download --dataset taxibj|kth|mmnist [--data-dir DIR] [--mirror URL] [--no-progress]
+vmrnn data synth   --dataset NAME --out DIR [--seed N] [--size small|medium] [--overwrite]
+vmrnn data prepare --dataset NAME --data-dir DIR [--out DIR] [--workers N]
+vmrnn data info    --dataset NAME --data-dir DIR [--prepared auto|never|require]
+vmrnn data download --dataset taxibj|kth|mmnist [--data-dir DIR] [--mirror URL] [--no-progress]
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ from vmrnn.data import dataset_names, download_names, synth_names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="synthetic data, prepared (Arrow) format, dataset info",
-                       description="Dataset utilities; see docs/DATA.md.")
+    p = sub.add_parser(
+        "data",
+        help="synthetic data, prepared (Arrow) format, dataset info",
+        description="Dataset utilities; see docs/DATA.md.",
+    )
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     dsub.required = True
 
@@ -24,8 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True, help="data root to write into (creates OUT/<dataset folder>)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", default="small", choices=("small", "medium"))
-    s.add_argument("--overwrite", action="store_true",
-                   help="replace an existing synthetic dataset folder (never a folder without SYNTHETIC.txt)")
+    s.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing synthetic dataset folder (never a folder without SYNTHETIC.txt)",
+    )
     s.set_defaults(func=run_synth)
 
     r = dsub.add_parser("prepare", help="convert a dataset once into memory-mappable Arrow files")
@@ -46,8 +52,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = dsub.add_parser("download", help="fetch a dataset from its published source (verified, resumable)")
     d.add_argument("--dataset", required=True, choices=download_names())
     d.add_argument("--data-dir", default=None, help="data root to download into (default $VMRNN_DATA_DIR, else ./data)")
-    d.add_argument("--mirror", default=None, metavar="URL",
-                   help="base URL of a mirror serving the same file names (default $VMRNN_DATA_MIRROR)")
+    d.add_argument(
+        "--mirror",
+        default=None,
+        metavar="URL",
+        help="base URL of a mirror serving the same file names (default $VMRNN_DATA_MIRROR)",
+    )
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=run_download)
 
@@ -58,8 +68,10 @@ def run_synth(args: argparse.Namespace) -> int:
     folder = write_synthetic(args.dataset, args.out, seed=args.seed, size=args.size, overwrite=args.overwrite)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     total = sum(p.stat().st_size for p in files)
-    print(f"wrote synthetic {args.dataset} ({args.size}, seed {args.seed}) to {folder}: "
-          f"{len(files)} files, {total / 2**20:.1f} MiB")
+    print(
+        f"wrote synthetic {args.dataset} ({args.size}, seed {args.seed}) to {folder}: "
+        f"{len(files)} files, {total / 2**20:.1f} MiB"
+    )
     for p in files[:6]:
         print(f"  {p}")
     if len(files) > 6:
@@ -83,13 +95,21 @@ def run_info(args: argparse.Namespace) -> int:
     kind = "prepared" if type(store).__name__ == "PreparedStore" else "source"
     spec = dataset_spec(args.dataset, args.data_dir, prepared=args.prepared)
     print(f"{args.dataset}: {kind} data at {store.describe()}")
-    print(f"  frames {spec.in_frames} -> {spec.out_frames}, {spec.channels}x{spec.height}x{spec.width}, "
-          f"model preset {spec.preset!r}")
+    print(
+        f"  frames {spec.in_frames} -> {spec.out_frames}, {spec.channels}x{spec.height}x{spec.width}, "
+        f"model preset {spec.preset!r}"
+    )
     failed = []
     for split in ("train", "val", "test"):
         try:
-            ds = build_dataset(args.dataset, args.data_dir, split, seed=args.seed, val_fraction=args.val_fraction,
-                               prepared=args.prepared)
+            ds = build_dataset(
+                args.dataset,
+                args.data_dir,
+                split,
+                seed=args.seed,
+                val_fraction=args.val_fraction,
+                prepared=args.prepared,
+            )
             print(f"  {split:5s} {len(ds):8d} samples")
         except DataError as exc:
             print(f"  {split:5s}        - ({exc})")
@@ -105,5 +125,8 @@ def run_download(args: argparse.Namespace) -> int:
 
     folder = download_dataset(args.dataset, args.data_dir, mirror=args.mirror, progress=not args.no_progress, log=print)
     print(f"{args.dataset} is in {folder}")
-    return run_info(argparse.Namespace(dataset=args.dataset, data_dir=str(folder.parent), prepared="auto", seed=0,
-                                       val_fraction=None))
+    return run_info(
+        argparse.Namespace(
+            dataset=args.dataset, data_dir=str(folder.parent), prepared="auto", seed=0, val_fraction=None
+        )
+    )

@@ -16,6 +16,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'preset':<16} {'model':<8} {'params':>12} {'official':>12}  description")
     for name, preset in PRESETS.items():
         model = build_model(name)
-        print(f"{name:<16} {preset.config.name:<8} {count_parameters(model):>12,} "
-              f"{official_parameter_count(preset.config):>12,}  {preset.description}")
+        print(
+            f"{name:<16} {preset.config.name:<8} {count_parameters(model):>12,} "
+            f"{official_parameter_count(preset.config):>12,}  {preset.description}"
+        )
     return 0

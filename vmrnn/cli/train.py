@@ -14,27 +14,44 @@ from vmrnn.data import dataset_names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train one model (Ray Train TorchTrainer, or --no-ray in this process)",
-                       description="Train VMRNN on one dataset: the official recipe unless --set changes it. "
-                                   "Starts a local loopback Ray unless RAY_ADDRESS / --ray-address names a cluster.")
+    p = sub.add_parser(
+        "train",
+        help="train one model (Ray Train TorchTrainer, or --no-ray in this process)",
+        description="Train VMRNN on one dataset: the official recipe unless --set changes it. "
+        "Starts a local loopback Ray unless RAY_ADDRESS / --ray-address names a cluster.",
+    )
     p.add_argument("--dataset", required=True, choices=dataset_names())
     p.add_argument("--data-dir", required=True, help="data root (e.g. holding taxibj/dataset.npz)")
     p.add_argument("--epochs", type=int, help="default: the dataset's recipe")
     p.add_argument("--workers", type=int, default=1, help="data-parallel workers (default 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (0: CPU training)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default: what the machine has, shared)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="any training option, e.g. --set lr=1e-3 --set model.depth=4 --set tags.team=x "
-                        "(see docs/TRAINING.md); repeatable")
-    p.add_argument("--no-ray", action="store_true", help="train in this process (torchrun also works: "
-                                                          "python -m vmrnn.train.torchrun_main)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
-                                          "sqlite:///<cwd>/mlflow.db with artifacts in ./mlruns)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any training option, e.g. --set lr=1e-3 --set model.depth=4 --set tags.team=x "
+        "(see docs/TRAINING.md); repeatable",
+    )
+    p.add_argument(
+        "--no-ray",
+        action="store_true",
+        help="train in this process (torchrun also works: python -m vmrnn.train.torchrun_main)",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+        "sqlite:///<cwd>/mlflow.db with artifacts in ./mlruns)",
+    )
     p.add_argument("--no-tracking", action="store_true", help="no MLflow logging")
     p.add_argument("--experiment", help="MLflow experiment (default vmrnn-<dataset>)")
     p.add_argument("--run-name", help="MLflow run name")
-    p.add_argument("--storage-path", help="where Ray Train keeps run folders and checkpoints "
-                                          "(default ~/ray_results; --no-ray: ./vmrnn_runs)")
+    p.add_argument(
+        "--storage-path",
+        help="where Ray Train keeps run folders and checkpoints (default ~/ray_results; --no-ray: ./vmrnn_runs)",
+    )
     p.add_argument("--name", help="run folder name (default vmrnn-<dataset>-<run key>)")
     p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (Ray)")
     p.add_argument("--ray-address", help="Ray cluster to use (default $RAY_ADDRESS, else a local one)")
@@ -50,8 +67,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--dataset", choices=dataset_names(), help="default: the one the model was trained on")
     e.add_argument("--split", default="test", choices=("train", "val", "test"))
     e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--metrics", choices=("standard", "paper"), default="standard",
-                   help="paper: the official SSIM data_range 2 and uint8 PSNR (to compare with published numbers)")
+    e.add_argument(
+        "--metrics",
+        choices=("standard", "paper"),
+        default="standard",
+        help="paper: the official SSIM data_range 2 and uint8 PSNR (to compare with published numbers)",
+    )
     e.add_argument("--max-batches", type=int)
     e.add_argument("--device", default="auto")
     e.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/ URIs")
@@ -60,8 +81,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     q = sub.add_parser("predict", help="forecast future frames from a .npy sequence")
     q.add_argument("--model", required=True, help="MLflow model URI or training checkpoint folder")
-    q.add_argument("--input", required=True, help=".npy of (T, C, H, W) or (B, T, C, H, W) frames in [0, 1] "
-                                                   "(uint8 is divided by 255)")
+    q.add_argument(
+        "--input",
+        required=True,
+        help=".npy of (T, C, H, W) or (B, T, C, H, W) frames in [0, 1] (uint8 is divided by 255)",
+    )
     q.add_argument("--out", required=True, help="where to write the forecast .npy (same rank as the input)")
     q.add_argument("--n-future", type=int, help="frames to forecast (default: the dataset's)")
     q.add_argument("--device", default="cpu")
@@ -83,6 +107,7 @@ def _setup_logging(quiet: bool = False) -> None:
 
 # ---------------------------------------------------------------------- train
 
+
 def build_config(args: argparse.Namespace) -> Any:
     from vmrnn.train.config import TrainConfig, apply_overrides
 
@@ -103,8 +128,8 @@ def build_config(args: argparse.Namespace) -> Any:
 
 def run_train(args: argparse.Namespace) -> int:
     _setup_logging(args.quiet)
-    from vmrnn.train.loop import TrainingDiverged
     from vmrnn.tracking.uris import TrackingUnavailable
+    from vmrnn.train.loop import TrainingDiverged
 
     cfg = build_config(args)
     if args.workers < 1:
@@ -133,15 +158,26 @@ def _train_plain(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     from vmrnn.train.loop import train
 
     if args.workers != 1:
-        raise _user_error("--no-ray trains in this one process; for several processes use torchrun "
-                          "(python -m vmrnn.train.torchrun_main) or drop --no-ray")
+        raise _user_error(
+            "--no-ray trains in this one process; for several processes use torchrun "
+            "(python -m vmrnn.train.torchrun_main) or drop --no-ray"
+        )
     cfg = cfg.resolved().with_run_key()
     if not cfg.checkpoint_dir:
         root = Path(args.storage_path or "vmrnn_runs")
-        cfg = cfg.replace(checkpoint_dir=str((root / (args.name or f"vmrnn-{cfg.dataset}-{cfg.run_key[:8]}")).resolve()))
+        cfg = cfg.replace(
+            checkpoint_dir=str((root / (args.name or f"vmrnn-{cfg.dataset}-{cfg.run_key[:8]}")).resolve())
+        )
     res = train(cfg, resume_from=args.resume)
-    return {"metrics": res.metrics, "best_epoch": res.best_epoch, "best_val_mse": res.best_val_mse,
-            "test": res.test_metrics, "run_id": res.run_id, "checkpoint": res.checkpoint, "config": cfg}
+    return {
+        "metrics": res.metrics,
+        "best_epoch": res.best_epoch,
+        "best_val_mse": res.best_val_mse,
+        "test": res.test_metrics,
+        "run_id": res.run_id,
+        "checkpoint": res.checkpoint,
+        "config": cfg,
+    }
 
 
 def _train_ray(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -159,17 +195,21 @@ def _train_ray(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
 
         need, have = args.gpus_per_worker * args.workers, torch.cuda.device_count()
         if need > have:
-            raise _user_error(f"{args.workers} worker(s) x {args.gpus_per_worker:g} GPU need {need:g} GPU(s) "
-                              f"but this machine has {have}; pass --gpus-per-worker 0 to train on CPUs")
+            raise _user_error(
+                f"{args.workers} worker(s) x {args.gpus_per_worker:g} GPU need {need:g} GPU(s) "
+                f"but this machine has {have}; pass --gpus-per-worker 0 to train on CPUs"
+            )
     ray_train.init_local_ray(address=args.ray_address, log_to_driver=True)
     if local and args.cpus_per_worker:
         import ray
 
         have = float(ray.cluster_resources().get("CPU", 0))
         if args.cpus_per_worker * args.workers > have:
-            raise _user_error(f"{args.workers} worker(s) x {args.cpus_per_worker:g} CPU need "
-                              f"{args.cpus_per_worker * args.workers:g} CPUs but this machine has {have:g}; "
-                              "lower --cpus-per-worker or --workers")
+            raise _user_error(
+                f"{args.workers} worker(s) x {args.cpus_per_worker:g} CPU need "
+                f"{args.cpus_per_worker * args.workers:g} CPUs but this machine has {have:g}; "
+                "lower --cpus-per-worker or --workers"
+            )
     res_per_worker = None
     if args.cpus_per_worker or args.gpus_per_worker:
         res_per_worker = {}
@@ -178,15 +218,22 @@ def _train_ray(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
         if args.gpus_per_worker:
             res_per_worker["GPU"] = args.gpus_per_worker
     try:
-        result = ray_train.fit(cfg, num_workers=args.workers, use_gpu=args.gpus_per_worker > 0,
-                               resources_per_worker=res_per_worker, storage_path=args.storage_path,
-                               name=args.name, max_failures=args.max_failures, progress=not args.quiet)
+        result = ray_train.fit(
+            cfg,
+            num_workers=args.workers,
+            use_gpu=args.gpus_per_worker > 0,
+            resources_per_worker=res_per_worker,
+            storage_path=args.storage_path,
+            name=args.name,
+            max_failures=args.max_failures,
+            progress=not args.quiet,
+        )
     except Exception as exc:
         from ray.train import TrainingFailedError
 
         if isinstance(exc, TrainingFailedError):
-            from vmrnn.train.loop import TrainingDiverged
             from vmrnn.tracking.uris import TrackingUnavailable
+            from vmrnn.train.loop import TrainingDiverged
 
             inner = _unwrap_worker_error(exc)
             if isinstance(inner, (TrainingDiverged, TrackingUnavailable)):
@@ -195,9 +242,15 @@ def _train_ray(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
                 raise inner from None
         raise
     rv = result.return_value or {}
-    return {"metrics": result.metrics, "best_epoch": rv.get("best_epoch"), "best_val_mse": rv.get("best_val_mse"),
-            "test": rv.get("test_metrics") or {}, "run_id": rv.get("run_id"),
-            "checkpoint": result.checkpoint.path if result.checkpoint else None, "path": result.path}
+    return {
+        "metrics": result.metrics,
+        "best_epoch": rv.get("best_epoch"),
+        "best_val_mse": rv.get("best_val_mse"),
+        "test": rv.get("test_metrics") or {},
+        "run_id": rv.get("run_id"),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "path": result.path,
+    }
 
 
 def _unwrap_worker_error(exc: BaseException) -> BaseException:
@@ -217,8 +270,11 @@ def _is_user_error(exc: BaseException) -> bool:
 def _print_summary(s: dict[str, Any]) -> None:
     m = s.get("metrics") or {}
     print("")
-    print(f"best epoch      {s.get('best_epoch')}  (val_mse {s.get('best_val_mse'):.6g})"
-          if s.get("best_val_mse") is not None else "best epoch      -")
+    print(
+        f"best epoch      {s.get('best_epoch')}  (val_mse {s.get('best_val_mse'):.6g})"
+        if s.get("best_val_mse") is not None
+        else "best epoch      -"
+    )
     for k in ("train_loss", "val_mse", "val_mae", "val_ssim", "val_psnr"):
         if k in m:
             print(f"last {k:<11} {m[k]:.6g}")
@@ -232,6 +288,7 @@ def _print_summary(s: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- evaluate / predict
+
 
 def _set_tracking(uri: str | None) -> None:
     if uri:
@@ -284,8 +341,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     _set_tracking(args.tracking_uri)
     fc = _load(args.checkpoint or args.model, args.device)
     if fc.model is None:
-        raise _user_error(f"{args.checkpoint or args.model} holds no vmrnn weights (only an exported graph); "
-                          "evaluate needs a checkpoint or a model logged by vmrnn train")
+        raise _user_error(
+            f"{args.checkpoint or args.model} holds no vmrnn weights (only an exported graph); "
+            "evaluate needs a checkpoint or a model logged by vmrnn train"
+        )
     ds_meta = fc.meta.get("dataset", {})
     name = args.dataset or ds_meta.get("name")
     if not name:
@@ -294,9 +353,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     x, y = ds[0]
     want = tuple(ds_meta.get(k) for k in ("channels", "height", "width"))
     if None not in want and tuple(x.shape[1:]) != want:
-        raise _user_error(f"the model was trained on {ds_meta.get('name')} frames of "
-                          f"{'x'.join(map(str, want))} (channels x height x width) but {name} has "
-                          f"{'x'.join(map(str, x.shape[1:]))}: evaluate it on data of its own kind")
+        raise _user_error(
+            f"the model was trained on {ds_meta.get('name')} frames of "
+            f"{'x'.join(map(str, want))} (channels x height x width) but {name} has "
+            f"{'x'.join(map(str, x.shape[1:]))}: evaluate it on data of its own kind"
+        )
     device = torch.device(_device(args.device))
     env = DistEnv(device=device)
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False)
@@ -304,8 +365,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
         from itertools import islice
 
         loader = list(islice(loader, args.max_batches))
-    out = evaluate(fc.model, loader, n_input=x.shape[0], env=env, execution=ExecutionConfig(),
-                   metrics_mode=args.metrics, n_future=y.shape[0])
+    out = evaluate(
+        fc.model,
+        loader,
+        n_input=x.shape[0],
+        env=env,
+        execution=ExecutionConfig(),
+        metrics_mode=args.metrics,
+        n_future=y.shape[0],
+    )
     if args.json:
         print(json.dumps(out, indent=1))
         return 0

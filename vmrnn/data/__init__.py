@@ -11,7 +11,10 @@ layouts, splits, the prepared format, the synthetic generator and how to add a d
 from __future__ import annotations
 
 # The built-in readers register their datasets when imported (in this order: the command-line choices).
-from vmrnn.data import taxibj, kth, mmnist, custom  # noqa: F401, I001
+# isort: off
+from vmrnn.data import taxibj, kth, mmnist, custom  # noqa: F401
+
+# isort: on
 from vmrnn.data.build import StalePreparedWarning, build_dataset, dataset_spec, open_store
 from vmrnn.data.errors import DataError, DataFormatError, DatasetNotFoundError, NoWindowsError
 from vmrnn.data.prepare import prepare_dataset
@@ -28,7 +31,22 @@ from vmrnn.data.registry import (
 from vmrnn.data.synth import write_synthetic
 
 __all__ = [
-    "DATASETS", "DataError", "DataFormatError", "DatasetNotFoundError", "DatasetSpec", "NoWindowsError", "Recipe",
-    "StalePreparedWarning", "build_dataset", "dataset_names", "dataset_spec", "download_names", "get_dataset", "open_store",
-    "prepare_dataset", "register_dataset", "synth_names", "write_synthetic",
+    "DATASETS",
+    "DataError",
+    "DataFormatError",
+    "DatasetNotFoundError",
+    "DatasetSpec",
+    "NoWindowsError",
+    "Recipe",
+    "StalePreparedWarning",
+    "build_dataset",
+    "dataset_names",
+    "dataset_spec",
+    "download_names",
+    "get_dataset",
+    "open_store",
+    "prepare_dataset",
+    "register_dataset",
+    "synth_names",
+    "write_synthetic",
 ]

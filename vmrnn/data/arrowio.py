@@ -27,8 +27,9 @@ def _le(dtype: np.dtype) -> np.dtype:
 class ArrowRowWriter:
     """Write rows of a fixed shape and dtype (plus optional int32 columns) to an Arrow IPC file."""
 
-    def __init__(self, path: Path, row_shape: tuple[int, ...], dtype: np.dtype | str,
-                 extra_columns: tuple[str, ...] = ()):
+    def __init__(
+        self, path: Path, row_shape: tuple[int, ...], dtype: np.dtype | str, extra_columns: tuple[str, ...] = ()
+    ):
         self.path = Path(path)
         self.row_shape = tuple(int(s) for s in row_shape)
         self.dtype = _le(dtype)
@@ -36,8 +37,9 @@ class ArrowRowWriter:
         self.extra_columns = tuple(extra_columns)
         fields = [pa.field("data", pa.binary(self.row_nbytes), nullable=False)]
         fields += [pa.field(c, pa.int32(), nullable=False) for c in self.extra_columns]
-        self.schema = pa.schema(fields, metadata={"row_shape": ",".join(map(str, self.row_shape)),
-                                                  "dtype": self.dtype.str})
+        self.schema = pa.schema(
+            fields, metadata={"row_shape": ",".join(map(str, self.row_shape)), "dtype": self.dtype.str}
+        )
         self._sink = pa.OSFile(str(self.path), "wb")
         self._writer = ipc.new_file(self._sink, self.schema)
         self.rows = 0
@@ -49,8 +51,9 @@ class ArrowRowWriter:
         n = rows.shape[0]
         if n == 0:
             return
-        data = pa.FixedSizeBinaryArray.from_buffers(pa.binary(self.row_nbytes), n,
-                                                    [None, pa.py_buffer(rows.reshape(-1).view(np.uint8))])
+        data = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(self.row_nbytes), n, [None, pa.py_buffer(rows.reshape(-1).view(np.uint8))]
+        )
         arrays = [data]
         for c in self.extra_columns:
             v = np.asarray(columns[c], dtype=np.int32)
@@ -103,15 +106,20 @@ class ArrowRows(LazyMixin):
             mm = pa.memory_map(str(self.path), "r")
             reader = ipc.open_file(mm)
         except FileNotFoundError:
-            raise DataFormatError(f"{self.path}: prepared file is missing; run `vmrnn data prepare` again",
-                                  self.path) from None
+            raise DataFormatError(
+                f"{self.path}: prepared file is missing; run `vmrnn data prepare` again", self.path
+            ) from None
         except (pa.ArrowException, OSError) as exc:
-            raise DataFormatError(f"{self.path}: not a readable Arrow IPC file ({exc}); "
-                                  "run `vmrnn data prepare` again", self.path) from None
+            raise DataFormatError(
+                f"{self.path}: not a readable Arrow IPC file ({exc}); run `vmrnn data prepare` again", self.path
+            ) from None
         field = reader.schema.field(0) if reader.schema.names else None
         if field is None or field.name != "data" or field.type != pa.binary(self.row_nbytes):
-            raise DataFormatError(f"{self.path}: expected column 'data' of fixed_size_binary({self.row_nbytes}) "
-                                  f"for rows {self.row_shape} {self.dtype}, found schema {reader.schema}", self.path)
+            raise DataFormatError(
+                f"{self.path}: expected column 'data' of fixed_size_binary({self.row_nbytes}) "
+                f"for rows {self.row_shape} {self.dtype}, found schema {reader.schema}",
+                self.path,
+            )
         views, bounds = [], [0]
         try:
             for b in range(reader.num_record_batches):
@@ -119,16 +127,21 @@ class ArrowRows(LazyMixin):
                 if col.null_count:
                     raise DataFormatError(f"{self.path}: null rows in record batch {b}", self.path)
                 buf = col.buffers()[1]
-                raw = np.frombuffer(buf, dtype=np.uint8, count=len(col) * self.row_nbytes,
-                                    offset=col.offset * self.row_nbytes)
+                raw = np.frombuffer(
+                    buf, dtype=np.uint8, count=len(col) * self.row_nbytes, offset=col.offset * self.row_nbytes
+                )
                 views.append(raw.view(self.dtype).reshape(len(col), *self.row_shape))
                 bounds.append(bounds[-1] + len(col))
         except (pa.ArrowException, ValueError, OSError) as exc:
-            raise DataFormatError(f"{self.path}: corrupt Arrow IPC file ({exc}); run `vmrnn data prepare` again",
-                                  self.path) from None
+            raise DataFormatError(
+                f"{self.path}: corrupt Arrow IPC file ({exc}); run `vmrnn data prepare` again", self.path
+            ) from None
         if self.n_rows is not None and bounds[-1] != self.n_rows:
-            raise DataFormatError(f"{self.path}: holds {bounds[-1]} rows, the manifest says {self.n_rows}; "
-                                  "run `vmrnn data prepare` again", self.path)
+            raise DataFormatError(
+                f"{self.path}: holds {bounds[-1]} rows, the manifest says {self.n_rows}; "
+                "run `vmrnn data prepare` again",
+                self.path,
+            )
         self._lazy_reader = (mm, reader)  # keep the mapping alive
         self._lazy_views, self._lazy_bounds = views, np.asarray(bounds, dtype=np.int64)
 
@@ -153,7 +166,7 @@ class ArrowRows(LazyMixin):
                 return np.empty((0, *self.row_shape), self.dtype)
             b = int(np.searchsorted(bounds, start, side="right")) - 1
             if stop <= bounds[b + 1]:
-                return views[b][start - bounds[b]: stop - bounds[b]]
+                return views[b][start - bounds[b] : stop - bounds[b]]
             return np.stack([self[i] for i in range(start, stop)])
         i = int(idx)
         if not 0 <= i < n:
@@ -168,9 +181,7 @@ class ArrowRows(LazyMixin):
         self._ensure()
         _, reader = self._lazy_reader  # type: ignore[misc]
         if name not in reader.schema.names:
-            raise DataFormatError(f"{self.path}: column {name!r} is missing; run `vmrnn data prepare` again",
-                                  self.path)
+            raise DataFormatError(f"{self.path}: column {name!r} is missing; run `vmrnn data prepare` again", self.path)
         j = reader.schema.names.index(name)
-        parts = [reader.get_batch(b).column(j).to_numpy(zero_copy_only=False)
-                 for b in range(reader.num_record_batches)]
+        parts = [reader.get_batch(b).column(j).to_numpy(zero_copy_only=False) for b in range(reader.num_record_batches)]
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)

@@ -56,8 +56,7 @@ class NpyRows(LazyMixin):
     inserts a channel axis after the time axis ((T, H, W) -> (T, 1, H, W)).
     """
 
-    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype, axis: int = 0,
-                 add_channel: bool = False):
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype, axis: int = 0, add_channel: bool = False):
         self.path = Path(path)
         self.file_shape = tuple(shape)
         self.dtype = np.dtype(dtype)
@@ -127,8 +126,18 @@ def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
 class SequenceDataset(Dataset, LazyMixin):
     """Samples that are whole rows (T, C, H, W) of a row store, split into inputs and targets."""
 
-    def __init__(self, rows: Any, indices: np.ndarray, in_frames: int, out_frames: int, *,
-                 name: str, split: str, check_range: bool = False, origin: str = ""):
+    def __init__(
+        self,
+        rows: Any,
+        indices: np.ndarray,
+        in_frames: int,
+        out_frames: int,
+        *,
+        name: str,
+        split: str,
+        check_range: bool = False,
+        origin: str = "",
+    ):
         self.rows = rows
         self.indices = np.asarray(indices, dtype=np.int64)
         self.in_frames, self.out_frames = int(in_frames), int(out_frames)
@@ -145,7 +154,7 @@ class SequenceDataset(Dataset, LazyMixin):
             raise IndexError(f"sample {i} out of range for {len(self)} samples")
         r = self.row_index(i)
         t = frames_to_tensor(self.rows[r], check_range=self.check_range, what=f"{self.origin} sample {r}")
-        return t[: self.in_frames], t[self.in_frames:]
+        return t[: self.in_frames], t[self.in_frames :]
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}/{self.split}: {len(self)} samples from {self.origin}>"
@@ -162,11 +171,11 @@ class WindowDataset(SequenceDataset):
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample {i} out of range for {len(self)} samples")
         s = self.row_index(i)
-        frames = self.rows[s: s + self.seq_len]
+        frames = self.rows[s : s + self.seq_len]
         if frames.ndim == 3:  # (T, H, W) -> (T, 1, H, W)
             frames = frames[:, None]
         t = frames_to_tensor(frames)
-        return t[: self.in_frames], t[self.in_frames:]
+        return t[: self.in_frames], t[self.in_frames :]
 
 
 def check_split(split: str) -> str:
@@ -189,5 +198,6 @@ def check_fraction(val_fraction: float | None, default: float) -> float:
 def reject_unknown(kw: dict[str, Any], allowed: tuple[str, ...], name: str) -> None:
     extra = sorted(set(kw) - set(allowed))
     if extra:
-        raise DataError(f"unknown option(s) {extra} for dataset {name!r}; "
-                        f"allowed: {sorted(allowed) if allowed else 'none'}")
+        raise DataError(
+            f"unknown option(s) {extra} for dataset {name!r}; allowed: {sorted(allowed) if allowed else 'none'}"
+        )

@@ -48,7 +48,9 @@ def open_store(name: str, data_dir: str | os.PathLike, prepared: Any = "auto") -
     """
     family = get_dataset(name).family
     mode, explicit = _mode(prepared)
-    data_dir = local_data_dir(data_dir, get_dataset(name).prepared_key)  # s3:// etc.: a node-local copy of the prepared files
+    data_dir = local_data_dir(
+        data_dir, get_dataset(name).prepared_key
+    )  # s3:// etc.: a node-local copy of the prepared files
     if mode != "never" and explicit is None and (data_dir / MANIFEST).is_file():
         return PreparedStore(data_dir, family)
     try:
@@ -64,8 +66,11 @@ def open_store(name: str, data_dir: str | os.PathLike, prepared: Any = "auto") -
             raise DatasetNotFoundError(f"{loc.not_found()} (no prepared copy at {pdir} either)", loc.expected_hint())
         return loc.open_source()
     if not has_prepared:
-        raise DatasetNotFoundError(f"no prepared copy of {name} at {pdir} ({MANIFEST} missing); run "
-                                   f"`vmrnn data prepare --dataset {name} --data-dir {data_dir}`", pdir / MANIFEST)
+        raise DatasetNotFoundError(
+            f"no prepared copy of {name} at {pdir} ({MANIFEST} missing); run "
+            f"`vmrnn data prepare --dataset {name} --data-dir {data_dir}`",
+            pdir / MANIFEST,
+        )
     store = PreparedStore(pdir, family)
     if not loc.found:  # only the prepared copy is here (e.g. copied to a worker node): trust its own checks
         return store
@@ -74,12 +79,17 @@ def open_store(name: str, data_dir: str | os.PathLike, prepared: Any = "auto") -
     if ok:
         return store
     if mode == "auto":
-        warnings.warn(f"prepared copy {pdir} is stale ({reason}); reading the source files instead. "
-                      f"Run `vmrnn data prepare --dataset {name} --data-dir {data_dir}` to refresh it.",
-                      StalePreparedWarning, stacklevel=3)
+        warnings.warn(
+            f"prepared copy {pdir} is stale ({reason}); reading the source files instead. "
+            f"Run `vmrnn data prepare --dataset {name} --data-dir {data_dir}` to refresh it.",
+            StalePreparedWarning,
+            stacklevel=3,
+        )
         return src
-    raise DataError(f"prepared copy {pdir} does not match the source ({reason}); run "
-                    f"`vmrnn data prepare --dataset {name} --data-dir {data_dir}` again")
+    raise DataError(
+        f"prepared copy {pdir} does not match the source ({reason}); run "
+        f"`vmrnn data prepare --dataset {name} --data-dir {data_dir}` again"
+    )
 
 
 def _check_seed(seed: Any) -> int:
@@ -88,8 +98,16 @@ def _check_seed(seed: Any) -> int:
     return seed
 
 
-def build_dataset(name: str, data_dir: str | os.PathLike, split: str, *, seed: int = 0,
-                  val_fraction: float | None = None, prepared: Any = "auto", **kw: Any) -> Dataset:
+def build_dataset(
+    name: str,
+    data_dir: str | os.PathLike,
+    split: str,
+    *,
+    seed: int = 0,
+    val_fraction: float | None = None,
+    prepared: Any = "auto",
+    **kw: Any,
+) -> Dataset:
     """A torch Dataset of (inputs (T_in, C, H, W), targets (T_out, C, H, W)) float32 pairs in [0, 1].
 
     name: a registered dataset (taxibj, kth, kth40, mmnist, custom, ...). split: train | val | test (val is a

@@ -41,12 +41,15 @@ def read_meta(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataFormatError(f"{path}: not valid JSON ({exc})", path) from None
     if not isinstance(meta, dict):
-        raise DataFormatError(f"{path}: expected a JSON object like {{\"in_frames\": 10, \"out_frames\": 10}}", path)
+        raise DataFormatError(f'{path}: expected a JSON object like {{"in_frames": 10, "out_frames": 10}}', path)
     missing = [k for k in META_KEYS_REQUIRED if k not in meta]
     extra = sorted(set(meta) - set(META_KEYS_REQUIRED) - set(META_KEYS_OPTIONAL))
     if missing or extra:
-        raise DataFormatError(f"{path}: missing keys {missing} / unknown keys {extra}; allowed: "
-                              f"{list(META_KEYS_REQUIRED + META_KEYS_OPTIONAL)}", path)
+        raise DataFormatError(
+            f"{path}: missing keys {missing} / unknown keys {extra}; allowed: "
+            f"{list(META_KEYS_REQUIRED + META_KEYS_OPTIONAL)}",
+            path,
+        )
     for k in META_KEYS_REQUIRED:
         v = meta[k]
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -77,8 +80,11 @@ class CustomSource:
                 continue
             shape, dtype = npy_header(p)
             if len(shape) != 5 or shape[1] != t:
-                raise DataFormatError(f"{p}: shape {shape}, expected (N, {t}, C, H, W) "
-                                      f"(T = in_frames + out_frames from {self.meta_path.name})", p)
+                raise DataFormatError(
+                    f"{p}: shape {shape}, expected (N, {t}, C, H, W) "
+                    f"(T = in_frames + out_frames from {self.meta_path.name})",
+                    p,
+                )
             if dtype.type not in DTYPES:
                 raise DataFormatError(f"{p}: dtype {dtype}, expected uint8 or float16/32/64", p)
             if dtype.byteorder == ">":
@@ -121,8 +127,7 @@ def val_split(n: int, seed: int, val_fraction: float | None) -> tuple[np.ndarray
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def build(store: Any, name: str, split: str, *, seed: int, val_fraction: float | None,
-          **kw: Any) -> SequenceDataset:
+def build(store: Any, name: str, split: str, *, seed: int, val_fraction: float | None, **kw: Any) -> SequenceDataset:
     reject_unknown(kw, (), name)
     meta = store.meta
     has_val = "val" in store.parts
@@ -135,8 +140,16 @@ def build(store: Any, name: str, split: str, *, seed: int, val_fraction: float |
         idx = train if split == "train" else val
         if len(idx) == 0:
             raise DataError(f"custom {split} split is empty (val_fraction is 0 and there is no val.npy)")
-    return SequenceDataset(rows, idx, meta["in_frames"], meta["out_frames"], name=name, split=split,
-                           check_range=True, origin=store.describe(part))
+    return SequenceDataset(
+        rows,
+        idx,
+        meta["in_frames"],
+        meta["out_frames"],
+        name=name,
+        split=split,
+        check_range=True,
+        origin=store.describe(part),
+    )
 
 
 def shape_from_data(store: Any) -> dict[str, Any]:
@@ -145,8 +158,14 @@ def shape_from_data(store: Any) -> dict[str, Any]:
     meta = store.meta
     shape, _ = store.row_info("train")
     _, c, h, w = shape
-    return {"in_frames": meta["in_frames"], "out_frames": meta["out_frames"], "channels": c, "height": h,
-            "width": w, "preset": meta.get("preset", "custom")}
+    return {
+        "in_frames": meta["in_frames"],
+        "out_frames": meta["out_frames"],
+        "channels": c,
+        "height": h,
+        "width": w,
+        "preset": meta.get("preset", "custom"),
+    }
 
 
 # ------------------------------------------------------------------------------------------- synthetic
@@ -164,7 +183,7 @@ def bouncing_blobs(n: int, t: int, size: int, rng: np.random.Generator) -> np.nd
             v = rng.uniform(-2, 2, 2)
             sigma = rng.uniform(2, 3.5)
             for k in range(t):
-                blob = np.exp(-((yy - p[0]) ** 2 + (xx - p[1]) ** 2) / (2 * sigma ** 2))
+                blob = np.exp(-((yy - p[0]) ** 2 + (xx - p[1]) ** 2) / (2 * sigma**2))
                 out[i, k, 0] = np.maximum(out[i, k, 0], blob)
                 p = p + v
                 for a in range(2):
@@ -186,15 +205,28 @@ def write_synthetic(folder: Path, seed: int, size: str) -> None:
 
 # ------------------------------------------------------------------------------------------- registry
 
+
 def looks_like(d: Path) -> bool:
     return (d / "meta.json").exists()
 
 
-SPEC = register_dataset(DatasetSpec(
-    name="custom", family="custom", folder="custom", source=CustomSource, build=build, looks_like=looks_like,
-    origin=("a custom dataset is a folder with meta.json, train.npy and test.npy (see docs/DATA.md, "
-            "'Custom format'); expected at {expected}"),
-    synth=write_synthetic, recipe=Recipe(epochs=100, batch_size=16, lr=1e-4),
-    preset="custom", smoke_preset="kth-tiny", fit_model=True,
-    from_data=shape_from_data,  # frames and (C, H, W) come from meta.json and the .npy shapes
-))
+SPEC = register_dataset(
+    DatasetSpec(
+        name="custom",
+        family="custom",
+        folder="custom",
+        source=CustomSource,
+        build=build,
+        looks_like=looks_like,
+        origin=(
+            "a custom dataset is a folder with meta.json, train.npy and test.npy (see docs/DATA.md, "
+            "'Custom format'); expected at {expected}"
+        ),
+        synth=write_synthetic,
+        recipe=Recipe(epochs=100, batch_size=16, lr=1e-4),
+        preset="custom",
+        smoke_preset="kth-tiny",
+        fit_model=True,
+        from_data=shape_from_data,  # frames and (C, H, W) come from meta.json and the .npy shapes
+    )
+)

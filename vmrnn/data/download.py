@@ -35,10 +35,10 @@ from typing import Any
 from tqdm import tqdm
 
 from vmrnn.data.errors import DataError
-from vmrnn.data.registry import Checksum, DatasetSpec, SourceFile, download_names, get_dataset
 from vmrnn.data.kth import KTH_ACTIONS
 from vmrnn.data.layout import locate
 from vmrnn.data.locks import file_lock
+from vmrnn.data.registry import Checksum, DatasetSpec, SourceFile, download_names, get_dataset
 from vmrnn.data.remote import is_remote
 from vmrnn.data.synth import MARKER
 
@@ -76,13 +76,22 @@ class _Transfer:
 
 # ------------------------------------------------------------------------------------------------ entry
 
+
 def default_data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV) or "data").expanduser()
 
 
-def download_dataset(name: str, data_dir: str | os.PathLike | None = None, *, mirror: str | None = None,
-                     checksums: Mapping[str, Checksum] | None = None, progress: bool = True, retries: int = 3,
-                     timeout: float = 60.0, log: Callable[[str], None] | None = None) -> Path:
+def download_dataset(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    mirror: str | None = None,
+    checksums: Mapping[str, Checksum] | None = None,
+    progress: bool = True,
+    retries: int = 3,
+    timeout: float = 60.0,
+    log: Callable[[str], None] | None = None,
+) -> Path:
     """Download dataset `name` (taxibj, kth or mmnist) into the data root and return its dataset folder.
 
     data_dir: the data root (default $VMRNN_DATA_DIR, else ./data). mirror: a base URL serving the same
@@ -98,24 +107,30 @@ def download_dataset(name: str, data_dir: str | os.PathLike | None = None, *, mi
         raise DataError(f"vmrnn downloads {', '.join(download_names())}, not {name!r}")
     family = spec.family
     if data_dir is not None and is_remote(os.fspath(data_dir)):
-        raise DataError(f"download into a local folder, not {data_dir}; prepare it there and upload the prepared "
-                        "files (see docs/CLUSTER.md)")
+        raise DataError(
+            f"download into a local folder, not {data_dir}; prepare it there and upload the prepared "
+            "files (see docs/CLUSTER.md)"
+        )
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     mirror = _check_mirror(mirror if mirror is not None else os.environ.get(MIRROR_ENV) or None)
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise DataError(f"retries must be a non-negative integer, got {retries!r}")
     folder = root / spec.folder
     if (folder / MARKER).is_file():
-        raise DataError(f"{folder} holds synthetic data ({MARKER}); remove that folder or choose another data "
-                        "folder for the real data")
+        raise DataError(
+            f"{folder} holds synthetic data ({MARKER}); remove that folder or choose another data "
+            "folder for the real data"
+        )
     downloads = root / DOWNLOADS
     try:
         downloads.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"cannot create {downloads} ({exc.strerror}); choose another --data-dir") from None
     t = _Transfer(progress, retries, timeout, log)
-    busy = (f"another `vmrnn data download --dataset {family}` is writing to {root} (lock "
-            f"{downloads / (family + '.lock')} is held); wait for it to finish")
+    busy = (
+        f"another `vmrnn data download --dataset {family}` is writing to {root} (lock "
+        f"{downloads / (family + '.lock')} is held); wait for it to finish"
+    )
     with file_lock(downloads / f"{family}.lock", wait=False, busy=busy):
         for sf in spec.downloads:
             expected = (checksums or {}).get(sf.name, sf.checksum)
@@ -139,6 +154,7 @@ def _check_mirror(mirror: str | None) -> str | None:
 
 # ---------------------------------------------------------------------------------------- already there
 
+
 def _in_place(spec: DatasetSpec, sf: SourceFile, folder: Path, expected: Checksum, log: Callable[[str], None]) -> bool:
     """Whether what `sf` provides is already in the dataset folder (a file is verified first)."""
     if sf.unpack == "file":
@@ -158,8 +174,9 @@ def _in_place(spec: DatasetSpec, sf: SourceFile, folder: Path, expected: Checksu
     else:
         present = folder.is_dir() and spec.looks_like(folder)
         if not present and folder.is_dir() and any(p for p in folder.iterdir() if p.name != RECORD):
-            raise DataError(f"{folder} exists but holds no KTH action folders; move it away so that "
-                            f"{sf.name} can be unpacked there")
+            raise DataError(
+                f"{folder} exists but holds no KTH action folders; move it away so that {sf.name} can be unpacked there"
+            )
     if present:
         log(f"{folder}: already there, {sf.name} not downloaded")
     return present
@@ -167,8 +184,10 @@ def _in_place(spec: DatasetSpec, sf: SourceFile, folder: Path, expected: Checksu
 
 # --------------------------------------------------------------------------------------------- fetching
 
-def _obtain(name: str, urls: tuple[str, ...], dest: Path, expected: Checksum, t: _Transfer, *,
-            via_mirror: bool) -> dict[str, Any]:
+
+def _obtain(
+    name: str, urls: tuple[str, ...], dest: Path, expected: Checksum, t: _Transfer, *, via_mirror: bool
+) -> dict[str, Any]:
     """A complete, verified copy of the file at `dest` (downloaded unless a complete one is there)."""
     url, found = urls[0], dest.is_file()
     if found:
@@ -181,9 +200,11 @@ def _obtain(name: str, urls: tuple[str, ...], dest: Path, expected: Checksum, t:
         rejected = _reject(dest)
         where = "the mirror" if via_mirror else "the source"
         what = f"{dest} (found there, not downloaded)" if found else url
-        raise DownloadError(f"checksum mismatch for {what}: its {bad}; the file is kept aside at {rejected} and not "
-                            f"used. Run the command again to download it afresh; if it fails again, {where} serves "
-                            "different content")
+        raise DownloadError(
+            f"checksum mismatch for {what}: its {bad}; the file is kept aside at {rejected} and not "
+            f"used. Run the command again to download it afresh; if it fails again, {where} serves "
+            "different content"
+        )
     t.log(f"{dest.name}: {_size(digests['bytes'])}, verified by {expected.method()}; sha256 {digests['sha256']}")
     return {"url": url, **digests, "verified_by": expected.method()}
 
@@ -198,10 +219,14 @@ def _fetch_any(name: str, urls: tuple[str, ...], dest: Path, expected: Checksum,
             failures.append(f"{url}: {exc}")
             if url != urls[-1]:
                 t.log(f"{url}: {exc}; trying the next source")
-    manual = (f"fetch {urls[0]} by other means, save it as {dest} and run this command again (it then verifies "
-              "and unpacks it without the network)")
-    raise DownloadError(f"cannot download {name}: {'; '.join(failures)}. Use --mirror URL (or {MIRROR_ENV}) "
-                        f"for a mirror with the same file names, or {manual}")
+    manual = (
+        f"fetch {urls[0]} by other means, save it as {dest} and run this command again (it then verifies "
+        "and unpacks it without the network)"
+    )
+    raise DownloadError(
+        f"cannot download {name}: {'; '.join(failures)}. Use --mirror URL (or {MIRROR_ENV}) "
+        f"for a mirror with the same file names, or {manual}"
+    )
 
 
 def _fetch_with_retries(url: str, dest: Path, expected: Checksum, t: _Transfer) -> None:
@@ -215,11 +240,13 @@ def _fetch_with_retries(url: str, dest: Path, expected: Checksum, t: _Transfer) 
             total = _read_state(state).get("total")
             of = f" of {_size(total)}" if total else ""
             if attempt == t.retries:
-                raise DownloadError(f"{url}: the download broke off ({exc}) after {_size(have)}{of}; the partial "
-                                    f"file {partial} is kept: run the same command again to resume it") from None
+                raise DownloadError(
+                    f"{url}: the download broke off ({exc}) after {_size(have)}{of}; the partial "
+                    f"file {partial} is kept: run the same command again to resume it"
+                ) from None
             t.log(f"{url}: {exc} after {_size(have)}{of}; resuming")
             if not exc.progressed:
-                time.sleep(RETRY_WAIT * 2 ** attempt)
+                time.sleep(RETRY_WAIT * 2**attempt)
             continue
         os.replace(partial, dest)
         state.unlink(missing_ok=True)
@@ -252,8 +279,10 @@ def _request(url: str, offset: int, validator: str | None, timeout: float) -> ht
         reason = exc.reason
         if isinstance(reason, socket.gaierror):
             raise _Unavailable(f"cannot resolve the host ({reason.strerror}): no network or no DNS") from None
-        raise _Unavailable(f"cannot reach the server ({getattr(reason, 'strerror', None) or reason}): no network, "
-                           "a firewall or a proxy in the way (set HTTPS_PROXY if one is needed)") from None
+        raise _Unavailable(
+            f"cannot reach the server ({getattr(reason, 'strerror', None) or reason}): no network, "
+            "a firewall or a proxy in the way (set HTTPS_PROXY if one is needed)"
+        ) from None
     except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
         raise _Transient(f"{type(exc).__name__}: {exc}", progressed=False) from None
 
@@ -262,8 +291,10 @@ def _http_problem(code: int, reason: str) -> str:
     if code == 404:
         return "HTTP 404 Not Found: the file is not at this address (moved upstream, or missing on the mirror)"
     if code in (401, 403):
-        return (f"HTTP {code} {reason}: the server refuses the download (an access rule, a rate limit or an "
-                "expired link); try again later or use a mirror")
+        return (
+            f"HTTP {code} {reason}: the server refuses the download (an access rule, a rate limit or an "
+            "expired link); try again later or use a mirror"
+        )
     return f"HTTP {code} {reason}"
 
 
@@ -286,14 +317,17 @@ def _fetch_once(url: str, partial: Path, state: Path, expected: Checksum, t: _Tr
             m = CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
             if not m or int(m.group(1)) != offset:
                 partial.unlink(missing_ok=True)
-                raise _Transient(f"unexpected Content-Range {resp.headers.get('Content-Range')!r}; starting over",
-                                 progressed=True)
+                raise _Transient(
+                    f"unexpected Content-Range {resp.headers.get('Content-Range')!r}; starting over", progressed=True
+                )
             total = int(m.group(3)) if m.group(3) != "*" else None
             mode = "ab"
         else:
             if offset:
-                t.log(f"{url}: the server sent the whole file (the partial file changed or cannot be resumed); "
-                      "starting over")
+                t.log(
+                    f"{url}: the server sent the whole file (the partial file changed or cannot be resumed); "
+                    "starting over"
+                )
             offset, mode = 0, "wb"
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
@@ -305,9 +339,18 @@ def _fetch_once(url: str, partial: Path, state: Path, expected: Checksum, t: _Tr
         state.write_text(json.dumps({"url": url, "validator": validator, "total": total}))
         got = 0
         try:
-            with open(partial, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
-                                                unit_divisor=1024, desc=partial.name[: -len(".partial")],
-                                                disable=not t.progress) as bar:
+            with (
+                open(partial, mode) as f,
+                tqdm(
+                    total=total,
+                    initial=offset,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=partial.name[: -len(".partial")],
+                    disable=not t.progress,
+                ) as bar,
+            ):
                 while True:
                     chunk = resp.read1(CHUNK)  # what has arrived: a cut loses nothing received
                     if not chunk:
@@ -317,9 +360,11 @@ def _fetch_once(url: str, partial: Path, state: Path, expected: Checksum, t: _Tr
                     bar.update(len(chunk))
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DownloadError(f"disk full while writing {partial} from {url}: free space on {partial.parent} "
-                                    "(or choose another --data-dir) and run the command again; the partial file "
-                                    "resumes") from None
+                raise DownloadError(
+                    f"disk full while writing {partial} from {url}: free space on {partial.parent} "
+                    "(or choose another --data-dir) and run the command again; the partial file "
+                    "resumes"
+                ) from None
             if isinstance(exc, (TimeoutError, ConnectionError)):
                 raise _Transient(f"{type(exc).__name__}: {exc}", progressed=got > 0) from None
             raise
@@ -329,18 +374,22 @@ def _fetch_once(url: str, partial: Path, state: Path, expected: Checksum, t: _Tr
         raise _Transient("the connection closed early", progressed=got > 0)
     if total is not None and offset + got > total:
         partial.unlink(missing_ok=True)
-        raise _Transient(f"received {offset + got} bytes, more than the announced {total}; starting over",
-                         progressed=True)
+        raise _Transient(
+            f"received {offset + got} bytes, more than the announced {total}; starting over", progressed=True
+        )
 
 
 def _check_space(folder: Path, need: int, what: str) -> None:
     free = shutil.disk_usage(folder).free
     if need > free:
-        raise DownloadError(f"not enough disk space for {what}: it needs {_size(need)}, {folder} has {_size(free)} "
-                            "free; free some space or choose another --data-dir")
+        raise DownloadError(
+            f"not enough disk space for {what}: it needs {_size(need)}, {folder} has {_size(free)} "
+            "free; free some space or choose another --data-dir"
+        )
 
 
 # ------------------------------------------------------------------------------------------ verifying
+
 
 def _digests(path: Path, expected: Checksum) -> dict[str, Any]:
     sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False) if expected.md5 else None
@@ -374,8 +423,16 @@ def _reject(path: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------ installing
 
-def _install(spec: DatasetSpec, sf: SourceFile, archive: Path, folder: Path, record: dict[str, Any],
-             urls: tuple[str, ...], t: _Transfer) -> None:
+
+def _install(
+    spec: DatasetSpec,
+    sf: SourceFile,
+    archive: Path,
+    folder: Path,
+    record: dict[str, Any],
+    urls: tuple[str, ...],
+    t: _Transfer,
+) -> None:
     """Put the verified file (or the archive's content) into the dataset folder, checked, atomically."""
     url = record["url"]
     if sf.unpack == "file":
@@ -384,8 +441,10 @@ def _install(spec: DatasetSpec, sf: SourceFile, archive: Path, folder: Path, rec
                 sf.check(archive)
             except DataError as exc:
                 rejected = _reject(archive)
-                raise DownloadError(f"{url} is not a valid {sf.name} ({exc}); it is kept aside at {rejected} and "
-                                    "not used; check the source or the mirror") from None
+                raise DownloadError(
+                    f"{url} is not a valid {sf.name} ({exc}); it is kept aside at {rejected} and "
+                    "not used; check the source or the mirror"
+                ) from None
         folder.mkdir(parents=True, exist_ok=True)
         os.replace(archive, folder / sf.name)
     else:
@@ -415,10 +474,12 @@ def _remove_empty(folder: Path) -> None:
 
 def _unpack(spec: DatasetSpec, sf: SourceFile, archive: Path, staging: Path, url: str) -> None:
     """Unpack into staging/<dataset folder> and open it with the dataset's reader; a bad archive is rejected."""
+
     def wrong(what: str) -> DownloadError:
         rejected = _reject(archive)
-        return DownloadError(f"{url}: {what}; the archive is kept aside at {rejected} and not used; check the "
-                             "source or the mirror")
+        return DownloadError(
+            f"{url}: {what}; the archive is kept aside at {rejected} and not used; check the source or the mirror"
+        )
 
     try:
         zf = zipfile.ZipFile(archive)
@@ -432,22 +493,26 @@ def _unpack(spec: DatasetSpec, sf: SourceFile, archive: Path, staging: Path, url
                 raise wrong(f"archive entry {i.filename!r} points outside the archive")
         top = sorted({PurePosixPath(i.filename).parts[0] for i in infos if i.filename.strip("/")})[:8]
         if sf.unpack == "zip-member":
-            found = sorted((i for i in infos if PurePosixPath(i.filename).name == sf.member and not i.is_dir()),
-                           key=lambda i: i.filename.count("/"))
+            found = sorted(
+                (i for i in infos if PurePosixPath(i.filename).name == sf.member and not i.is_dir()),
+                key=lambda i: i.filename.count("/"),
+            )
             if not found:
                 raise wrong(f"the archive holds no {sf.member} (top-level entries: {', '.join(top) or 'none'})")
             chosen, prefix = [found[0]], found[0].filename[: -len(sf.member)]
         else:
             prefix = _kth_prefix(infos)
             if prefix is None:
-                raise wrong(f"the archive holds none of the KTH action folders {', '.join(KTH_ACTIONS)} "
-                            f"(top-level entries: {', '.join(top) or 'none'})")
+                raise wrong(
+                    f"the archive holds none of the KTH action folders {', '.join(KTH_ACTIONS)} "
+                    f"(top-level entries: {', '.join(top) or 'none'})"
+                )
             chosen = [i for i in infos if i.filename.startswith(prefix) and i.filename != prefix]
         _check_space(staging.parent, sum(i.file_size for i in chosen), f"unpacking {archive.name}")
         dest = staging / spec.folder
         try:
             for i in chosen:
-                target = dest / i.filename[len(prefix):]
+                target = dest / i.filename[len(prefix) :]
                 if i.is_dir():
                     target.mkdir(parents=True, exist_ok=True)
                     continue
@@ -458,8 +523,10 @@ def _unpack(spec: DatasetSpec, sf: SourceFile, archive: Path, staging: Path, url
             raise wrong(f"corrupt archive ({exc})") from None
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DownloadError(f"disk full while unpacking {archive}: free space on {staging.parent} (or "
-                                    "choose another --data-dir) and run the command again") from None
+                raise DownloadError(
+                    f"disk full while unpacking {archive}: free space on {staging.parent} (or "
+                    "choose another --data-dir) and run the command again"
+                ) from None
             raise
     try:
         check_dataset(spec.name, staging)
@@ -510,5 +577,12 @@ def _size(n: int | None) -> str:
     return f"{n} bytes"
 
 
-__all__ = ["Checksum", "DownloadError", "MIRROR_ENV", "SourceFile", "check_dataset", "default_data_dir",
-           "download_dataset"]
+__all__ = [
+    "Checksum",
+    "DownloadError",
+    "MIRROR_ENV",
+    "SourceFile",
+    "check_dataset",
+    "default_data_dir",
+    "download_dataset",
+]

@@ -37,13 +37,13 @@ from vmrnn.data.registry import OPENSTL_RELEASE, Checksum, DatasetSpec, Recipe, 
 KTH_ACTIONS = ("boxing", "handclapping", "handwaving", "jogging", "running", "walking")
 IN_FRAMES = 10
 SEQ_LEN = {"kth": 30, "kth40": 50}
-OUT_SIZE = (128, 128)                    # (width, height) after resizing
-SOURCE_SIZE = (160, 120)                 # (width, height) of the published frames
+OUT_SIZE = (128, 128)  # (width, height) after resizing
+SOURCE_SIZE = (160, 120)  # (width, height) of the published frames
 OVERLAP_ACTIONS = ("jogging", "running")  # step back 3 after an accepted window
 OVERLAP_STEP = 3
 TRAIN_PERSONS = tuple(range(1, 17))
 TEST_PERSONS = tuple(range(17, 26))
-RESIZE = "pillow-bilinear"               # recorded in the prepared manifest
+RESIZE = "pillow-bilinear"  # recorded in the prepared manifest
 VIDEO_RE = re.compile(r"^person(\d\d)_([a-z]+)_d(\d+)_uncomp$")
 FRAME_RE = re.compile(r"^image_(\d+)\.(png|jpg|jpeg)$", re.IGNORECASE)
 IMAGE_MODES = ("L", "RGB", "RGBA")
@@ -51,7 +51,7 @@ IMAGE_MODES = ("L", "RGB", "RGBA")
 
 @dataclass(frozen=True)
 class Video:
-    relpath: str     # action/personXX_action_dY_uncomp, relative to the kth folder
+    relpath: str  # action/personXX_action_dY_uncomp, relative to the kth folder
     action: str
     person: int
 
@@ -62,12 +62,15 @@ class Catalog:
     (action, directory name), frames sorted by frame number."""
 
     videos: list[Video]
-    video: np.ndarray      # (rows,) index into videos
-    frame_no: np.ndarray   # (rows,) frame number from the file name
+    video: np.ndarray  # (rows,) index into videos
+    frame_no: np.ndarray  # (rows,) frame number from the file name
 
     def offsets(self) -> np.ndarray:
-        counts = np.bincount(self.video, minlength=len(self.videos)) if len(self.video) else \
-            np.zeros(len(self.videos), np.int64)
+        counts = (
+            np.bincount(self.video, minlength=len(self.videos))
+            if len(self.video)
+            else np.zeros(len(self.videos), np.int64)
+        )
         return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
@@ -93,8 +96,10 @@ def scan(kth_dir: Path) -> tuple[dict[str, Catalog], dict[str, list[str]]]:
             vdir = adir / vname
             m = VIDEO_RE.match(vname)
             if not vdir.is_dir() or not m:
-                raise DataFormatError(f"{vdir}: unexpected entry; {adir} must hold only video folders named "
-                                      f"personXX_{action}_dY_uncomp", vdir)
+                raise DataFormatError(
+                    f"{vdir}: unexpected entry; {adir} must hold only video folders named personXX_{action}_dY_uncomp",
+                    vdir,
+                )
             if m.group(2) != action:
                 raise DataFormatError(f"{vdir}: video of action {m.group(2)!r} inside the {action!r} folder", vdir)
             person = int(m.group(1))
@@ -106,12 +111,15 @@ def scan(kth_dir: Path) -> tuple[dict[str, Catalog], dict[str, list[str]]]:
                     continue
                 fm = FRAME_RE.match(fname)
                 if not fm:
-                    raise DataFormatError(f"{vdir / fname}: unexpected file; frames must be named "
-                                          "image_NNNN.png or image_NNNN.jpg", vdir / fname)
+                    raise DataFormatError(
+                        f"{vdir / fname}: unexpected file; frames must be named image_NNNN.png or image_NNNN.jpg",
+                        vdir / fname,
+                    )
                 k = int(fm.group(1))
                 if k in frames:
-                    raise DataFormatError(f"{vdir}: frame number {k} appears twice ({frames[k]} and {fname})",
-                                          vdir / fname)
+                    raise DataFormatError(
+                        f"{vdir}: frame number {k} appears twice ({frames[k]} and {fname})", vdir / fname
+                    )
                 frames[k] = fname
             if not frames:
                 raise DataFormatError(f"{vdir}: video folder holds no frames", vdir)
@@ -124,10 +132,14 @@ def scan(kth_dir: Path) -> tuple[dict[str, Catalog], dict[str, list[str]]]:
             fno_of_row[part].append(np.asarray(numbers, np.int64))
     if not found_action:
         raise DataError(f"{kth_dir}: none of the action folders {list(KTH_ACTIONS)}")  # caller re-raises
-    cats = {p: Catalog(videos[p],
-                       np.concatenate(vid_of_row[p]) if vid_of_row[p] else np.zeros(0, np.int64),
-                       np.concatenate(fno_of_row[p]) if fno_of_row[p] else np.zeros(0, np.int64))
-            for p in ("train", "test")}
+    cats = {
+        p: Catalog(
+            videos[p],
+            np.concatenate(vid_of_row[p]) if vid_of_row[p] else np.zeros(0, np.int64),
+            np.concatenate(fno_of_row[p]) if fno_of_row[p] else np.zeros(0, np.int64),
+        )
+        for p in ("train", "test")
+    }
     return cats, files
 
 
@@ -165,8 +177,10 @@ def check_header(path: Path) -> None:
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataFormatError(f"{path}: cannot read image ({type(exc).__name__}: {exc})", path) from None
     if size not in (SOURCE_SIZE, OUT_SIZE):
-        raise DataFormatError(f"{path}: image is {size[0]}x{size[1]}; KTH frames must be 160x120 "
-                              "(resized to 128x128) or already 128x128", path)
+        raise DataFormatError(
+            f"{path}: image is {size[0]}x{size[1]}; KTH frames must be 160x120 (resized to 128x128) or already 128x128",
+            path,
+        )
     if mode not in IMAGE_MODES:
         raise DataFormatError(f"{path}: image mode {mode!r}; expected grayscale (L) or RGB(A)", path)
 
@@ -176,8 +190,11 @@ def load_frame(path: Path, data: bytes | None = None) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as im:
             if im.size not in (SOURCE_SIZE, OUT_SIZE):
-                raise DataFormatError(f"{path}: image is {im.size[0]}x{im.size[1]}; KTH frames must be 160x120 "
-                                      "(resized to 128x128) or already 128x128", path)
+                raise DataFormatError(
+                    f"{path}: image is {im.size[0]}x{im.size[1]}; KTH frames must be 160x120 "
+                    "(resized to 128x128) or already 128x128",
+                    path,
+                )
             if im.mode not in IMAGE_MODES:
                 raise DataFormatError(f"{path}: image mode {im.mode!r}; expected grayscale (L) or RGB(A)", path)
             im.load()
@@ -206,8 +223,11 @@ class FrameFiles(LazyMixin):
     def __getitem__(self, idx: int | slice) -> np.ndarray:
         if isinstance(idx, slice):
             start, stop, step = idx.indices(len(self.relpaths))
-            return np.stack([load_frame(self.root / self.relpaths[i]) for i in range(start, stop, step)]) \
-                if stop > start else np.zeros((0, *OUT_SIZE[::-1]), np.uint8)
+            return (
+                np.stack([load_frame(self.root / self.relpaths[i]) for i in range(start, stop, step)])
+                if stop > start
+                else np.zeros((0, *OUT_SIZE[::-1]), np.uint8)
+            )
         return load_frame(self.root / self.relpaths[int(idx)])
 
 
@@ -287,11 +307,12 @@ def val_persons_for(val_fraction: float | None, val_persons: Any) -> tuple[int, 
     k = 0 if f == 0 else max(1, round(f * len(TRAIN_PERSONS)))
     if k >= len(TRAIN_PERSONS):
         raise DataError(f"val_fraction {f} would hold out every training person")
-    return TRAIN_PERSONS[len(TRAIN_PERSONS) - k:]
+    return TRAIN_PERSONS[len(TRAIN_PERSONS) - k :]
 
 
-def build(store: Any, name: str, split: str, *, seed: int, val_fraction: float | None,
-          val_persons: Any = None, **kw: Any) -> WindowDataset:
+def build(
+    store: Any, name: str, split: str, *, seed: int, val_fraction: float | None, val_persons: Any = None, **kw: Any
+) -> WindowDataset:
     reject_unknown(kw, (), name)
     seq_len = SEQ_LEN[name]
     held = val_persons_for(val_fraction, val_persons)
@@ -307,16 +328,27 @@ def build(store: Any, name: str, split: str, *, seed: int, val_fraction: float |
     vids = [i for i, v in enumerate(cat.videos) if v.person in persons]
     label = ", ".join(f"{p:02d}" for p in sorted(persons))
     if not vids:
-        raise NoWindowsError(f"{store.describe(part)}: no videos of persons {label} (the {name} {split} split)",
-                             store.describe(part))
+        raise NoWindowsError(
+            f"{store.describe(part)}: no videos of persons {label} (the {name} {split} split)", store.describe(part)
+        )
     starts = find_windows(cat, vids, seq_len)
     if len(starts) == 0:
-        raise NoWindowsError(f"{store.describe(part)}: no usable window for the {name} {split} split "
-                             f"(persons {label}): no video has {seq_len} consecutive frames "
-                             f"(frame numbers k .. k+{seq_len - 1})",
-                             store.describe(part))
-    return WindowDataset(store.part(part), starts, seq_len, IN_FRAMES, seq_len - IN_FRAMES, name=name,
-                         split=split, origin=store.describe(part))
+        raise NoWindowsError(
+            f"{store.describe(part)}: no usable window for the {name} {split} split "
+            f"(persons {label}): no video has {seq_len} consecutive frames "
+            f"(frame numbers k .. k+{seq_len - 1})",
+            store.describe(part),
+        )
+    return WindowDataset(
+        store.part(part),
+        starts,
+        seq_len,
+        IN_FRAMES,
+        seq_len - IN_FRAMES,
+        name=name,
+        split=split,
+        origin=store.describe(part),
+    )
 
 
 # ------------------------------------------------------------------------------------------- synthetic
@@ -379,9 +411,13 @@ def write_synthetic(folder: Path, seed: int, size: str) -> None:
         for person in persons:
             for d in recordings:
                 rng = np.random.default_rng([seed, 2, ai, person, d])
-                params = {"bg": int(rng.integers(150, 210)), "shade": int(rng.integers(20, 70)),
-                          "height": int(rng.integers(55, 75)), "x0": int(rng.integers(0, 120)),
-                          "period": float(rng.uniform(7, 11))}
+                params = {
+                    "bg": int(rng.integers(150, 210)),
+                    "shade": int(rng.integers(20, 70)),
+                    "height": int(rng.integers(55, 75)),
+                    "x0": int(rng.integers(0, 120)),
+                    "period": float(rng.uniform(7, 11)),
+                }
                 vdir = folder / action / f"person{person:02d}_{action}_d{d}_uncomp"
                 vdir.mkdir(parents=True)
                 for t in range(n_frames):
@@ -390,23 +426,46 @@ def write_synthetic(folder: Path, seed: int, size: str) -> None:
 
 # ------------------------------------------------------------------------------------------- registry
 
+
 def looks_like(d: Path) -> bool:
     return any((d / a).is_dir() for a in KTH_ACTIONS)
 
 
 _COMMON = dict(
-    family="kth", folder="kth", source=KTHSource, build=build, looks_like=looks_like,
-    origin=("KTH comes from the OpenSTL release asset kth_action.zip (the PredRNN image version; see OpenSTL "
-            "tools/prepare_data/download_kth.sh); unzip it so that {expected}/boxing/"
-            "person01_boxing_d1_uncomp/image_0001.png and the other actions exist"),
-    synth=write_synthetic, preset="kth", smoke_preset="kth-tiny", in_frames=IN_FRAMES, channels=1,
-    height=OUT_SIZE[1], width=OUT_SIZE[0],
+    family="kth",
+    folder="kth",
+    source=KTHSource,
+    build=build,
+    looks_like=looks_like,
+    origin=(
+        "KTH comes from the OpenSTL release asset kth_action.zip (the PredRNN image version; see OpenSTL "
+        "tools/prepare_data/download_kth.sh); unzip it so that {expected}/boxing/"
+        "person01_boxing_d1_uncomp/image_0001.png and the other actions exist"
+    ),
+    synth=write_synthetic,
+    preset="kth",
+    smoke_preset="kth-tiny",
+    in_frames=IN_FRAMES,
+    channels=1,
+    height=OUT_SIZE[1],
+    width=OUT_SIZE[0],
     # No digest of OpenSTL's archive is published: it is checked by unpacking it and opening it with the reader.
     downloads=(SourceFile("kth_action.zip", (OPENSTL_RELEASE + "kth_action.zip",), Checksum(), unpack="zip-tree"),),
 )
-SPEC = register_dataset(DatasetSpec(
-    name="kth", out_frames=SEQ_LEN["kth"] - IN_FRAMES, recipe=Recipe(epochs=100, batch_size=4, lr=1e-4),
-    bench_batch=4, **_COMMON))
-SPEC_40 = register_dataset(DatasetSpec(
-    name="kth40", out_frames=SEQ_LEN["kth40"] - IN_FRAMES,
-    recipe=Recipe(epochs=100, batch_size=1, lr=1e-4, val_batch_size=1), **_COMMON))
+SPEC = register_dataset(
+    DatasetSpec(
+        name="kth",
+        out_frames=SEQ_LEN["kth"] - IN_FRAMES,
+        recipe=Recipe(epochs=100, batch_size=4, lr=1e-4),
+        bench_batch=4,
+        **_COMMON,
+    )
+)
+SPEC_40 = register_dataset(
+    DatasetSpec(
+        name="kth40",
+        out_frames=SEQ_LEN["kth40"] - IN_FRAMES,
+        recipe=Recipe(epochs=100, batch_size=1, lr=1e-4, val_batch_size=1),
+        **_COMMON,
+    )
+)

@@ -31,10 +31,10 @@ class Location:
     """Result of resolving `data_dir` for one dataset."""
 
     spec: DatasetSpec
-    data_dir: Path          # what the user gave
-    dataset_dir: Path       # the dataset folder (may not exist)
-    found: bool             # whether the dataset folder exists and looks like this dataset
-    prepared_dir: Path      # default prepared folder for this dataset
+    data_dir: Path  # what the user gave
+    dataset_dir: Path  # the dataset folder (may not exist)
+    found: bool  # whether the dataset folder exists and looks like this dataset
+    prepared_dir: Path  # default prepared folder for this dataset
 
     @property
     def family(self) -> str:
@@ -52,8 +52,7 @@ class Location:
 
     def not_found(self, what: Path | None = None) -> DatasetNotFoundError:
         expected = what or self.expected_hint()
-        return DatasetNotFoundError(
-            f"{self.family} data not found: expected {expected}. {self.origin()}", expected)
+        return DatasetNotFoundError(f"{self.family} data not found: expected {expected}. {self.origin()}", expected)
 
     def open_source(self) -> Any:
         """The source reader's row store over the published files."""
@@ -68,8 +67,9 @@ def locate(name: str, data_dir: str | os.PathLike) -> Location:
     prepared = data_dir / PREPARED_DIRNAME / spec.prepared_key
     if not data_dir.exists():
         loc = Location(spec, data_dir, data_dir / spec.folder, False, prepared)
-        raise DatasetNotFoundError(f"data directory {data_dir} does not exist (expected {loc.expected_hint()}). "
-                                   f"{loc.origin()}", data_dir)
+        raise DatasetNotFoundError(
+            f"data directory {data_dir} does not exist (expected {loc.expected_hint()}). {loc.origin()}", data_dir
+        )
     sub = data_dir / spec.folder
     if sub.is_dir():
         return Location(spec, data_dir, sub, spec.looks_like(sub), prepared)

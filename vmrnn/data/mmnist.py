@@ -70,8 +70,11 @@ def read_idx_images(path: Path) -> np.ndarray:
         raise DataFormatError(f"{path}: holds no images", path)
     need = 16 + n * rows * cols
     if len(data) != need:
-        raise DataFormatError(f"{path}: {len(data)} bytes of image data, the header ({n} images) needs {need}"
-                              f" ({'truncated' if len(data) < need else 'trailing bytes'})", path)
+        raise DataFormatError(
+            f"{path}: {len(data)} bytes of image data, the header ({n} images) needs {need}"
+            f" ({'truncated' if len(data) < need else 'trailing bytes'})",
+            path,
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, DIGIT_SIZE, DIGIT_SIZE)
 
 
@@ -86,8 +89,9 @@ def check_test_file(path: Path) -> tuple[int, ...]:
     return shape
 
 
-def bounce_trajectory(x: float, y: float, theta: float, n_frames: int = N_FRAMES,
-                      step: float = STEP, canvas: int = CANVAS) -> tuple[np.ndarray, np.ndarray]:
+def bounce_trajectory(
+    x: float, y: float, theta: float, n_frames: int = N_FRAMES, step: float = STEP, canvas: int = CANVAS
+) -> tuple[np.ndarray, np.ndarray]:
     """Pixel offsets (top rows, left columns) of one digit over n_frames (official rule)."""
     vy, vx = math.sin(theta), math.cos(theta)
     ys, xs = np.empty(n_frames), np.empty(n_frames)
@@ -106,8 +110,12 @@ def bounce_trajectory(x: float, y: float, theta: float, n_frames: int = N_FRAMES
     return (canvas * ys).astype(np.int32), (canvas * xs).astype(np.int32)
 
 
-def render(digits: list[np.ndarray], trajectories: list[tuple[np.ndarray, np.ndarray]],
-           n_frames: int = N_FRAMES, size: int = IMAGE_SIZE) -> np.ndarray:
+def render(
+    digits: list[np.ndarray],
+    trajectories: list[tuple[np.ndarray, np.ndarray]],
+    n_frames: int = N_FRAMES,
+    size: int = IMAGE_SIZE,
+) -> np.ndarray:
     """Max-paste each digit along its trajectory: (n_frames, size, size) uint8."""
     out = np.zeros((n_frames, size, size), dtype=np.uint8)
     tt = np.arange(n_frames)[:, None, None]
@@ -119,8 +127,9 @@ def render(digits: list[np.ndarray], trajectories: list[tuple[np.ndarray, np.nda
     return out
 
 
-def generate(rng: np.random.Generator, digits: Any, lo: int, hi: int, n_frames: int = N_FRAMES,
-             n_digits: int = N_DIGITS) -> np.ndarray:
+def generate(
+    rng: np.random.Generator, digits: Any, lo: int, hi: int, n_frames: int = N_FRAMES, n_digits: int = N_DIGITS
+) -> np.ndarray:
     """One sequence (n_frames, 64, 64) uint8 using digits[lo:hi]. Draw order per digit: x, y, theta, index."""
     imgs, trajs = [], []
     for _ in range(n_digits):
@@ -169,8 +178,20 @@ class MovingMNISTDataset(Dataset, LazyMixin):
     """Sequences generated on the fly from digits[lo:hi]; sample i of epoch e is a pure function of
     (stream, seed, e, i). The val stream ignores the epoch (a fixed set)."""
 
-    def __init__(self, digits: Any, lo: int, hi: int, length: int, *, seed: int, stream: str, epoch: int = 0,
-                 name: str = "mmnist", split: str = "train", origin: str = ""):
+    def __init__(
+        self,
+        digits: Any,
+        lo: int,
+        hi: int,
+        length: int,
+        *,
+        seed: int,
+        stream: str,
+        epoch: int = 0,
+        name: str = "mmnist",
+        split: str = "train",
+        origin: str = "",
+    ):
         self.digits, self.lo, self.hi, self.length = digits, int(lo), int(hi), int(length)
         self.seed, self.stream, self.epoch = int(seed), stream, int(epoch)
         self.name, self.split, self.origin = name, split, origin
@@ -200,8 +221,10 @@ class MovingMNISTDataset(Dataset, LazyMixin):
         return t[:IN_FRAMES], t[IN_FRAMES:]
 
     def __repr__(self) -> str:
-        return (f"<MovingMNISTDataset {self.name}/{self.split}: {self.length} generated samples from digits "
-                f"[{self.lo}:{self.hi}] of {self.origin}, seed {self.seed}, epoch {self.epoch}>")
+        return (
+            f"<MovingMNISTDataset {self.name}/{self.split}: {self.length} generated samples from digits "
+            f"[{self.lo}:{self.hi}] of {self.origin}, seed {self.seed}, epoch {self.epoch}>"
+        )
 
 
 def digit_split(n: int, val_fraction: float | None) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -213,14 +236,24 @@ def digit_split(n: int, val_fraction: float | None) -> tuple[tuple[int, int], tu
     return (0, n - n_val), (n - n_val, n)
 
 
-def build(store: Any, name: str, split: str, *, seed: int, val_fraction: float | None,
-          length: int = DEFAULT_LENGTH, val_length: int = DEFAULT_VAL_LENGTH, epoch: int = 0,
-          **kw: Any) -> Dataset:
+def build(
+    store: Any,
+    name: str,
+    split: str,
+    *,
+    seed: int,
+    val_fraction: float | None,
+    length: int = DEFAULT_LENGTH,
+    val_length: int = DEFAULT_VAL_LENGTH,
+    epoch: int = 0,
+    **kw: Any,
+) -> Dataset:
     reject_unknown(kw, ("length", "val_length", "epoch"), name)
     if split == "test":
         rows = store.part("test")
-        return SequenceDataset(rows, np.arange(len(rows)), IN_FRAMES, OUT_FRAMES, name=name, split=split,
-                               origin=store.describe("test"))
+        return SequenceDataset(
+            rows, np.arange(len(rows)), IN_FRAMES, OUT_FRAMES, name=name, split=split, origin=store.describe("test")
+        )
     digits = store.part("digits")
     (tlo, thi), (vlo, vhi) = digit_split(len(digits), val_fraction)
     n = length if split == "train" else val_length
@@ -229,8 +262,9 @@ def build(store: Any, name: str, split: str, *, seed: int, val_fraction: float |
     if split == "val" and vhi == vlo:
         raise DataError("mmnist val split is empty (val_fraction is 0)")
     lo, hi = (tlo, thi) if split == "train" else (vlo, vhi)
-    ds = MovingMNISTDataset(digits, lo, hi, int(n), seed=seed, stream=split, name=name, split=split,
-                            origin=store.describe("digits"))
+    ds = MovingMNISTDataset(
+        digits, lo, hi, int(n), seed=seed, stream=split, name=name, split=split, origin=store.describe("digits")
+    )
     ds.set_epoch(epoch)
     return ds
 
@@ -240,8 +274,18 @@ def build(store: Any, name: str, split: str, *, seed: int, val_fraction: float |
 SYNTH_SIZES = {"small": (600, 32), "medium": (6000, 200)}  # (training digits, test sequences)
 
 # seven-segment layout: a top, b top-right, c bottom-right, d bottom, e bottom-left, f top-left, g middle
-_SEGMENTS = {0: "abcdef", 1: "bc", 2: "abged", 3: "abgcd", 4: "fgbc", 5: "afgcd", 6: "afgedc", 7: "abc",
-             8: "abcdefg", 9: "abcdfg"}
+_SEGMENTS = {
+    0: "abcdef",
+    1: "bc",
+    2: "abged",
+    3: "abgcd",
+    4: "fgbc",
+    5: "afgcd",
+    6: "afgedc",
+    7: "abc",
+    8: "abcdefg",
+    9: "abcdfg",
+}
 
 
 def digit_glyph(digit: int, rng: np.random.Generator) -> np.ndarray:
@@ -254,17 +298,31 @@ def digit_glyph(digit: int, rng: np.random.Generator) -> np.ndarray:
     y0 = (28 * s - h) / 2 + rng.uniform(-1.5, 1.5) * s
     width = int(rng.uniform(2.0, 3.6) * s)
     slant = rng.uniform(-0.25, 0.25)
-    pts = {"tl": (x0, y0), "tr": (x0 + w, y0), "ml": (x0, y0 + h / 2), "mr": (x0 + w, y0 + h / 2),
-           "bl": (x0, y0 + h), "br": (x0 + w, y0 + h)}
+    pts = {
+        "tl": (x0, y0),
+        "tr": (x0 + w, y0),
+        "ml": (x0, y0 + h / 2),
+        "mr": (x0 + w, y0 + h / 2),
+        "bl": (x0, y0 + h),
+        "br": (x0 + w, y0 + h),
+    }
     pts = {k: (x + slant * (y0 + h / 2 - y), y) for k, (x, y) in pts.items()}
-    seg = {"a": ("tl", "tr"), "b": ("tr", "mr"), "c": ("mr", "br"), "d": ("bl", "br"), "e": ("ml", "bl"),
-           "f": ("tl", "ml"), "g": ("ml", "mr")}
+    seg = {
+        "a": ("tl", "tr"),
+        "b": ("tr", "mr"),
+        "c": ("mr", "br"),
+        "d": ("bl", "br"),
+        "e": ("ml", "bl"),
+        "f": ("tl", "ml"),
+        "g": ("ml", "mr"),
+    }
     for c in _SEGMENTS[digit]:
         p, q = seg[c]
         draw.line([pts[p], pts[q]], fill=255, width=width, joint="curve")
         for k in (p, q):
-            draw.ellipse([pts[k][0] - width / 2, pts[k][1] - width / 2, pts[k][0] + width / 2, pts[k][1] + width / 2],
-                         fill=255)
+            draw.ellipse(
+                [pts[k][0] - width / 2, pts[k][1] - width / 2, pts[k][0] + width / 2, pts[k][1] + width / 2], fill=255
+            )
     return np.asarray(img.resize((28, 28), Image.Resampling.BOX), dtype=np.uint8)
 
 
@@ -299,12 +357,24 @@ MOVING_MNIST_PAGE = "http://www.cs.toronto.edu/~nitish/unsupervised_video/"
 MNIST_SITES = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
 # MNIST's training images have a well-known size, sha256 and md5; torchvision lists the md5 of mnist_test_seq.npy.
 DOWNLOADS = (
-    SourceFile(TRAIN_FILE, tuple(base + TRAIN_FILE for base in MNIST_SITES),
-               Checksum(sha256="440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-                        md5="f68b3c2dcbeaaa9fbdd348bbdeb94873", size=9912422),
-               unpack="file", check=read_idx_images),
-    SourceFile(TEST_FILE, (MOVING_MNIST_PAGE + TEST_FILE,), Checksum(md5="be083ec986bfe91a449d63653c411eb2"),
-               unpack="file", check=check_test_file),
+    SourceFile(
+        TRAIN_FILE,
+        tuple(base + TRAIN_FILE for base in MNIST_SITES),
+        Checksum(
+            sha256="440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+            md5="f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            size=9912422,
+        ),
+        unpack="file",
+        check=read_idx_images,
+    ),
+    SourceFile(
+        TEST_FILE,
+        (MOVING_MNIST_PAGE + TEST_FILE,),
+        Checksum(md5="be083ec986bfe91a449d63653c411eb2"),
+        unpack="file",
+        check=check_test_file,
+    ),
 )
 
 
@@ -312,14 +382,30 @@ def looks_like(d: Path) -> bool:
     return any((d / f).exists() for f in (TRAIN_FILE, TRAIN_FILE[:-3], TEST_FILE))
 
 
-SPEC = register_dataset(DatasetSpec(
-    name="mmnist", family="mmnist", folder="moving_mnist", source=MovingMNISTSource, build=build,
-    looks_like=looks_like,
-    origin=("Moving MNIST needs train-images-idx3-ubyte.gz (the MNIST training images) and mnist_test_seq.npy, "
+SPEC = register_dataset(
+    DatasetSpec(
+        name="mmnist",
+        family="mmnist",
+        folder="moving_mnist",
+        source=MovingMNISTSource,
+        build=build,
+        looks_like=looks_like,
+        origin=(
+            "Moving MNIST needs train-images-idx3-ubyte.gz (the MNIST training images) and mnist_test_seq.npy, "
             "both linked from the Moving MNIST page http://www.cs.toronto.edu/~nitish/unsupervised_video/; "
-            "put them in {expected}"),
-    synth=write_synthetic, recipe=Recipe(epochs=2000, batch_size=16, lr=1e-4),
-    preset="mmnist", smoke_preset="mmnist-tiny",
-    in_frames=IN_FRAMES, out_frames=OUT_FRAMES, channels=1, height=IMAGE_SIZE, width=IMAGE_SIZE,
-    bench_batch=16, bench_presets=("mmnist", "mmnist-openstl", "mmnist-tiny"), downloads=DOWNLOADS,
-))
+            "put them in {expected}"
+        ),
+        synth=write_synthetic,
+        recipe=Recipe(epochs=2000, batch_size=16, lr=1e-4),
+        preset="mmnist",
+        smoke_preset="mmnist-tiny",
+        in_frames=IN_FRAMES,
+        out_frames=OUT_FRAMES,
+        channels=1,
+        height=IMAGE_SIZE,
+        width=IMAGE_SIZE,
+        bench_batch=16,
+        bench_presets=("mmnist", "mmnist-openstl", "mmnist-tiny"),
+        downloads=DOWNLOADS,
+    )
+)

@@ -52,11 +52,17 @@ def sha256_file(path: Path) -> str:
 
 # ----------------------------------------------------------------------------------------------- sources
 
+
 def source_record(src: Any) -> dict[str, Any]:
     """Checksums of the source, as stored in the manifest."""
     if src.family == "kth":
-        return {"kind": "tree", "n_files": len(src.all_files()), "stat_sha256": src.stat_digest(),
-                "shape_sha256": src.shape_digest(), "content_sha256": None}  # content filled while decoding
+        return {
+            "kind": "tree",
+            "n_files": len(src.all_files()),
+            "stat_sha256": src.stat_digest(),
+            "shape_sha256": src.shape_digest(),
+            "content_sha256": None,
+        }  # content filled while decoding
     files = []
     for p in src.source_files():
         st = os.stat(p)
@@ -119,6 +125,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 # ------------------------------------------------------------------------------------------ prepared store
 
+
 class PreparedStore:
     """Reads a prepared folder; offers the same interface as the source readers."""
 
@@ -131,14 +138,18 @@ class PreparedStore:
         except FileNotFoundError:
             raise DatasetNotFoundError(f"no prepared copy at {self.dir} ({MANIFEST} missing)", path) from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataFormatError(f"{path}: unreadable manifest ({exc}); run `vmrnn data prepare` again",
-                                  path) from None
+            raise DataFormatError(
+                f"{path}: unreadable manifest ({exc}); run `vmrnn data prepare` again", path
+            ) from None
         m = self.manifest
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise DataFormatError(f"{path}: not a vmrnn prepared-data manifest", path)
         if m.get("format_version") != FORMAT_VERSION:
-            raise DataFormatError(f"{path}: prepared with format version {m.get('format_version')}, this vmrnn "
-                                  f"reads version {FORMAT_VERSION}; run `vmrnn data prepare` again", path)
+            raise DataFormatError(
+                f"{path}: prepared with format version {m.get('format_version')}, this vmrnn "
+                f"reads version {FORMAT_VERSION}; run `vmrnn data prepare` again",
+                path,
+            )
         if m.get("dataset") != family:
             raise DataError(f"{self.dir} holds prepared {m.get('dataset')!r} data, not {family!r}")
         try:
@@ -147,11 +158,15 @@ class PreparedStore:
                 if not f.is_file():
                     raise DataFormatError(f"{f}: prepared file is missing; run `vmrnn data prepare` again", f)
                 if os.path.getsize(f) != info["bytes"]:
-                    raise DataFormatError(f"{f}: {os.path.getsize(f)} bytes, the manifest says {info['bytes']} "
-                                          "(truncated or modified); run `vmrnn data prepare` again", f)
+                    raise DataFormatError(
+                        f"{f}: {os.path.getsize(f)} bytes, the manifest says {info['bytes']} "
+                        "(truncated or modified); run `vmrnn data prepare` again",
+                        f,
+                    )
         except (KeyError, TypeError, AttributeError) as exc:
-            raise DataFormatError(f"{path}: malformed manifest ({exc!r}); run `vmrnn data prepare` again",
-                                  path) from None
+            raise DataFormatError(
+                f"{path}: malformed manifest ({exc!r}); run `vmrnn data prepare` again", path
+            ) from None
         self.parts = tuple(m["parts"])
         self.meta = m.get("meta")
 
@@ -173,8 +188,10 @@ class PreparedStore:
     def catalog(self, part: str) -> kth_mod.Catalog:
         rows = self.part(part)
         try:
-            videos = [kth_mod.Video(rel, action, int(person))
-                      for rel, action, person in self.manifest["kth"]["parts"][part]["videos"]]
+            videos = [
+                kth_mod.Video(rel, action, int(person))
+                for rel, action, person in self.manifest["kth"]["parts"][part]["videos"]
+            ]
         except (KeyError, TypeError, ValueError) as exc:
             raise DataFormatError(f"{self.dir / MANIFEST}: malformed KTH video list ({exc!r})", self.dir) from None
         video, frame_no = rows.column("video"), rows.column("frame_no")
@@ -190,6 +207,7 @@ class PreparedStore:
 
 
 # ----------------------------------------------------------------------------------------------- writing
+
 
 def _decode_video(args: tuple[Path, list[str]]) -> tuple[np.ndarray, list[str]]:
     root, rels = args
@@ -215,8 +233,14 @@ def _check_float_rows(block: np.ndarray, start: int, what: str) -> None:
         raise DataFormatError(f"{what}: sample {start + i} has values outside [0, 1] or not finite", what)
 
 
-def prepare_dataset(name: str, data_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
-                    workers: int | None = None, log: Callable[[str], None] | None = None) -> Path:
+def prepare_dataset(
+    name: str,
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    workers: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
     """Convert a dataset (read from its published layout under data_dir) into the prepared format.
 
     Returns the prepared folder (default ``<data_dir>/prepared/<key>``). Raises DataError on bad input.
@@ -232,9 +256,14 @@ def prepare_dataset(name: str, data_dir: str | os.PathLike, out_dir: str | os.Pa
     t0 = time.time()
     source = source_record(src)
     manifest: dict[str, Any] = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "dataset": family,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "vmrnn_version": __version__,
-        "source_dir": str(loc.dataset_dir.resolve()), "source": source, "parts": {},
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dataset": family,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "vmrnn_version": __version__,
+        "source_dir": str(loc.dataset_dir.resolve()),
+        "source": source,
+        "parts": {},
     }
     if family == "kth":
         manifest["kth"] = {"resize": kth_mod.RESIZE, "size": list(kth_mod.OUT_SIZE), "parts": {}}
@@ -250,18 +279,24 @@ def prepare_dataset(name: str, data_dir: str | os.PathLike, out_dir: str | os.Pa
             if family == "kth":
                 _write_kth_part(src, part, w, content, workers, log)
                 manifest["kth"]["parts"][part] = {
-                    "videos": [[v.relpath, v.action, v.person] for v in src.catalog(part).videos]}
+                    "videos": [[v.relpath, v.action, v.person] for v in src.catalog(part).videos]
+                }
             else:
                 rows = src.part(part)
                 chunk = max(1, CHUNK_BYTES // w.row_nbytes)
                 for a in range(0, len(rows), chunk):
-                    block = np.asarray(rows[a: a + chunk])
+                    block = np.asarray(rows[a : a + chunk])
                     _check_float_rows(block, a, src.describe(part))
                     w.write(block)
         n = w.rows
         os.replace(tmp, final)
-        manifest["parts"][part] = {"file": final.name, "rows": n, "row_shape": list(row_shape), "dtype": dtype,
-                                   "bytes": os.path.getsize(final)}
+        manifest["parts"][part] = {
+            "file": final.name,
+            "rows": n,
+            "row_shape": list(row_shape),
+            "dtype": dtype,
+            "bytes": os.path.getsize(final),
+        }
         log(f"wrote {final} ({n} rows of {tuple(row_shape)} {dtype}, {os.path.getsize(final) / 2**20:.1f} MiB)")
     if family == "kth":
         source["content_sha256"] = content.hexdigest()
@@ -273,12 +308,13 @@ def prepare_dataset(name: str, data_dir: str | os.PathLike, out_dir: str | os.Pa
     return out
 
 
-def _write_kth_part(src: Any, part: str, w: ArrowRowWriter, content: Any, workers: int | None,
-                    log: Callable[[str], None]) -> None:
+def _write_kth_part(
+    src: Any, part: str, w: ArrowRowWriter, content: Any, workers: int | None, log: Callable[[str], None]
+) -> None:
     cat = src.catalog(part)
     files = src.files[part]
     offsets = cat.offsets()
-    jobs = [(src.dir, files[offsets[v]: offsets[v + 1]]) for v in range(len(cat.videos))]
+    jobs = [(src.dir, files[offsets[v] : offsets[v + 1]]) for v in range(len(cat.videos))]
     n_workers = (os.cpu_count() or 1) if workers is None else workers
     n_workers = min(n_workers, len(jobs))
     if n_workers > 1 and len(jobs) >= 4:
@@ -289,8 +325,15 @@ def _write_kth_part(src: Any, part: str, w: ArrowRowWriter, content: Any, worker
         _consume(map(_decode_video, jobs), cat, offsets, w, content, log, part)
 
 
-def _consume(results: Any, cat: kth_mod.Catalog, offsets: np.ndarray, w: ArrowRowWriter, content: Any,
-             log: Callable[[str], None], part: str) -> None:
+def _consume(
+    results: Any,
+    cat: kth_mod.Catalog,
+    offsets: np.ndarray,
+    w: ArrowRowWriter,
+    content: Any,
+    log: Callable[[str], None],
+    part: str,
+) -> None:
     for v, (frames, digests) in enumerate(results):
         a, b = offsets[v], offsets[v + 1]
         w.write(frames, video=cat.video[a:b], frame_no=cat.frame_no[a:b])

@@ -100,12 +100,12 @@ class DatasetSpec:
     """
 
     name: str
-    family: str                                   # the reader; names the prepared copy (prepared/<family>)
-    folder: str                                   # the dataset's folder under the data root
+    family: str  # the reader; names the prepared copy (prepared/<family>)
+    folder: str  # the dataset's folder under the data root
     source: Callable[[Any], Any] = field(repr=False)  # Location -> row store over the published files
     build: Callable[..., Any] = field(repr=False)  # (store, name, split, *, seed, val_fraction, **options)
     looks_like: Callable[[Path], bool] = field(repr=False)  # whether a folder itself holds the files
-    origin: str = field(repr=False)               # where the data comes from; {expected} = the expected path
+    origin: str = field(repr=False)  # where the data comes from; {expected} = the expected path
     recipe: Recipe
     preset: str
     smoke_preset: str
@@ -114,13 +114,13 @@ class DatasetSpec:
     channels: int | None = None
     height: int | None = None
     width: int | None = None
-    expected_file: str = ""                       # the file not-found messages name ("" = the folder)
+    expected_file: str = ""  # the file not-found messages name ("" = the folder)
     synth: Callable[[Path, int, str], None] | None = None  # (folder, seed, size "small"|"medium"): a stand-in
     from_data: Callable[[Any], dict[str, Any]] | None = None  # store -> shape fields read from the data
     fit_model: bool = False
-    bench_batch: int | None = None                # official single-GPU batch that `vmrnn bench` times
-    bench_presets: tuple[str, ...] = ()           # presets `vmrnn bench` times (default: preset, smoke_preset)
-    downloads: tuple[SourceFile, ...] = ()        # the published files `vmrnn data download` fetches
+    bench_batch: int | None = None  # official single-GPU batch that `vmrnn bench` times
+    bench_presets: tuple[str, ...] = ()  # presets `vmrnn bench` times (default: preset, smoke_preset)
+    downloads: tuple[SourceFile, ...] = ()  # the published files `vmrnn data download` fetches
 
     def __post_init__(self) -> None:
         for key in ("name", "family"):
@@ -169,11 +169,14 @@ def register_dataset(spec: DatasetSpec, *, replace: bool = False) -> DatasetSpec
         if other.name == spec.name:
             continue
         if other.family == spec.family and other.folder != spec.folder:
-            raise ValueError(f"dataset {spec.name!r}: family {spec.family!r} lives in folder {other.folder!r} "
-                             f"({other.name}), not {spec.folder!r}")
+            raise ValueError(
+                f"dataset {spec.name!r}: family {spec.family!r} lives in folder {other.folder!r} "
+                f"({other.name}), not {spec.folder!r}"
+            )
         if other.family != spec.family and other.folder == spec.folder:
-            raise ValueError(f"dataset {spec.name!r}: folder {spec.folder!r} already holds {other.name!r} "
-                             f"(family {other.family!r})")
+            raise ValueError(
+                f"dataset {spec.name!r}: folder {spec.folder!r} already holds {other.name!r} (family {other.family!r})"
+            )
     DATASETS[spec.name] = spec
     return spec
 

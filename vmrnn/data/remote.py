@@ -79,15 +79,14 @@ def local_data_dir(uri: str | os.PathLike, key: str | None = None) -> Path:
 
 @dataclass(frozen=True)
 class _Remote:
-    rel: str              # path relative to the URI (and to the cache entry)
-    path: str             # path inside the filesystem
+    rel: str  # path relative to the URI (and to the cache entry)
+    path: str  # path inside the filesystem
     size: int
     mtime_ns: int | None
-    sha256: str | None    # from the manifest, where it records one
+    sha256: str | None  # from the manifest, where it records one
 
 
-def cache_prepared(uri: str, key: str | None = None, cache_dir: str | os.PathLike | None = None
-                   ) -> tuple[Path, bool]:
+def cache_prepared(uri: str, key: str | None = None, cache_dir: str | os.PathLike | None = None) -> tuple[Path, bool]:
     """Copy the prepared data at `uri` into the node-local cache unless it is there; returns the local data
     folder and whether this call copied it. Concurrent callers on one node copy once (a lock file)."""
     fs, base = _filesystem(uri)
@@ -106,8 +105,10 @@ def cache_prepared(uri: str, key: str | None = None, cache_dir: str | os.PathLik
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"cannot create the data cache {entry.parent} ({exc.strerror}); set {CACHE_ENV} to a "
-                        "writable node-local folder") from None
+        raise DataError(
+            f"cannot create the data cache {entry.parent} ({exc.strerror}); set {CACHE_ENV} to a "
+            "writable node-local folder"
+        ) from None
     with file_lock(entry.parent / f"{entry.name}.lock"):
         if _intact(entry):  # another process on this node copied it while we waited
             return entry, False
@@ -146,8 +147,9 @@ def _listing(fs: Any, base: str, key: str | None, uri: str) -> tuple[dict[str, b
             folders = [f"prepared/{key}/"]
         else:
             sel = pafs.FileSelector(f"{base}/prepared", allow_not_found=True)
-            folders = sorted(f"prepared/{i.base_name}/" for i in fs.get_file_info(sel)
-                             if i.type == pafs.FileType.Directory)
+            folders = sorted(
+                f"prepared/{i.base_name}/" for i in fs.get_file_info(sel) if i.type == pafs.FileType.Directory
+            )
         manifests: dict[str, bytes] = {}
         files: list[_Remote] = []
         for rel in folders or [f"prepared/{key or '<dataset>'}/"]:
@@ -155,7 +157,9 @@ def _listing(fs: Any, base: str, key: str | None, uri: str) -> tuple[dict[str, b
             if not folders or fs.get_file_info(mpath).type != pafs.FileType.File:
                 raise DatasetNotFoundError(
                     f"no prepared data at {where}/{rel}{MANIFEST}: run `vmrnn data prepare` where the data is and "
-                    f"upload <data root>/prepared/ to {where}/prepared/ (see docs/CLUSTER.md)", f"{where}/{rel}")
+                    f"upload <data root>/prepared/ to {where}/prepared/ (see docs/CLUSTER.md)",
+                    f"{where}/{rel}",
+                )
             raw = _read(fs, mpath)
             manifests[rel] = raw
             for name, size, sha in _parts(raw, f"{where}/{rel}{MANIFEST}"):
@@ -170,8 +174,11 @@ def _listing(fs: Any, base: str, key: str | None, uri: str) -> tuple[dict[str, b
         if info.type != pafs.FileType.File:
             raise DataFormatError(f"{where}/{f.rel} is missing; upload the whole prepared folder again", f.rel)
         if info.size != f.size:
-            raise DataFormatError(f"{where}/{f.rel} has {info.size} bytes, its manifest says {f.size}; upload the "
-                                  "prepared folder again (or run `vmrnn data prepare` again)", f.rel)
+            raise DataFormatError(
+                f"{where}/{f.rel} has {info.size} bytes, its manifest says {f.size}; upload the "
+                "prepared folder again (or run `vmrnn data prepare` again)",
+                f.rel,
+            )
         out.append(_Remote(f.rel, f.path, f.size, info.mtime_ns, f.sha256))
     return manifests, out
 
@@ -208,8 +215,10 @@ def _copy(fs: Any, uri: str, manifests: dict[str, bytes], files: list[_Remote], 
     need = sum(f.size for f in files)
     free = shutil.disk_usage(entry.parent).free
     if need > free:
-        raise DataError(f"not enough space to cache {where} at {entry}: it needs {need / 2**20:.0f} MiB, "
-                        f"{free / 2**20:.0f} MiB are free; set {CACHE_ENV} to a larger node-local folder")
+        raise DataError(
+            f"not enough space to cache {where} at {entry}: it needs {need / 2**20:.0f} MiB, "
+            f"{free / 2**20:.0f} MiB are free; set {CACHE_ENV} to a larger node-local folder"
+        )
     t0 = time.time()
     record: dict[str, Any] = {"uri": where, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": {}}
     try:
@@ -225,15 +234,21 @@ def _copy(fs: Any, uri: str, manifests: dict[str, bytes], files: list[_Remote], 
                         n += len(block)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise DataError(f"disk full while caching {where}/{f.rel} at {target}; set {CACHE_ENV} to a "
-                                    "larger node-local folder") from None
+                    raise DataError(
+                        f"disk full while caching {where}/{f.rel} at {target}; set {CACHE_ENV} to a "
+                        "larger node-local folder"
+                    ) from None
                 raise DataError(f"cannot read {where}/{f.rel}: {_first_line(exc)}") from None
             if n != f.size:
-                raise DataFormatError(f"{where}/{f.rel}: received {n} bytes, the manifest says {f.size}; try again",
-                                      f.rel)
+                raise DataFormatError(
+                    f"{where}/{f.rel}: received {n} bytes, the manifest says {f.size}; try again", f.rel
+                )
             if f.sha256 and sha.hexdigest() != f.sha256:
-                raise DataFormatError(f"{where}/{f.rel}: sha256 {sha.hexdigest()} differs from the manifest's "
-                                      f"{f.sha256}; upload the prepared folder again", f.rel)
+                raise DataFormatError(
+                    f"{where}/{f.rel}: sha256 {sha.hexdigest()} differs from the manifest's "
+                    f"{f.sha256}; upload the prepared folder again",
+                    f.rel,
+                )
             record["files"][f.rel] = {"bytes": n, "sha256": sha.hexdigest()}
         for rel, raw in manifests.items():  # the manifests last, as `vmrnn data prepare` does
             (tmp / rel).mkdir(parents=True, exist_ok=True)
@@ -245,8 +260,11 @@ def _copy(fs: Any, uri: str, manifests: dict[str, bytes], files: list[_Remote], 
         os.rename(tmp, entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"vmrnn: cached {where} on this node at {entry} ({need / 2**20:.1f} MiB in {time.time() - t0:.1f} s)",
-          file=sys.stderr, flush=True)
+    print(
+        f"vmrnn: cached {where} on this node at {entry} ({need / 2**20:.1f} MiB in {time.time() - t0:.1f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 __all__ = ["CACHE_ENV", "cache_prepared", "cache_root", "is_remote", "local_data_dir"]

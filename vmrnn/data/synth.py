@@ -34,8 +34,9 @@ MARKER = "SYNTHETIC.txt"
 SIZES = ("small", "medium")
 
 
-def write_synthetic(name: str, out_dir: str | Path, *, seed: int = 0, size: str = "small",
-                    overwrite: bool = False) -> Path:
+def write_synthetic(
+    name: str, out_dir: str | Path, *, seed: int = 0, size: str = "small", overwrite: bool = False
+) -> Path:
     """Write a seeded synthetic dataset in the published layout under out_dir; returns its folder
     (e.g. ``out_dir/taxibj``), which `build_dataset(name, out_dir, ...)` then reads."""
     spec = get_dataset(name)
@@ -48,13 +49,15 @@ def write_synthetic(name: str, out_dir: str | Path, *, seed: int = 0, size: str 
     folder = Path(out_dir).expanduser() / spec.folder
     if folder.exists() and any(folder.iterdir()):
         if not overwrite:
-            raise DataError(f"{folder} already exists and is not empty; choose another --out or pass "
-                            "overwrite=True (--overwrite)")
+            raise DataError(
+                f"{folder} already exists and is not empty; choose another --out or pass overwrite=True (--overwrite)"
+            )
         if not (folder / MARKER).is_file():
             raise DataError(f"{folder} has no {MARKER} marker: refusing to delete what may be real data")
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     spec.synth(folder, seed, size)
-    (folder / MARKER).write_text(f"synthetic {spec.family} data written by vmrnn.data.synth "
-                                 f"(seed={seed}, size={size}); not real data\n")
+    (folder / MARKER).write_text(
+        f"synthetic {spec.family} data written by vmrnn.data.synth (seed={seed}, size={size}); not real data\n"
+    )
     return folder

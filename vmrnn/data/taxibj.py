@@ -71,8 +71,7 @@ def load_part(path: Path, part: str) -> np.ndarray:
         if a.ndim != 5 or a.shape[1:] != (IN_FRAMES, *FRAME_SHAPE):
             raise DataFormatError(f"{path}: {k} has shape {a.shape}, expected (N, 4, 2, 32, 32)", path)
         if not np.issubdtype(a.dtype, np.floating):
-            raise DataFormatError(f"{path}: {k} has dtype {a.dtype}, expected floating point values in [-1, 1]",
-                                  path)
+            raise DataFormatError(f"{path}: {k} has dtype {a.dtype}, expected floating point values in [-1, 1]", path)
         if a.shape[0] == 0:
             raise DataFormatError(f"{path}: {k} is empty", path)
     x, y = arrays[kx], arrays[ky]
@@ -81,14 +80,17 @@ def load_part(path: Path, part: str) -> np.ndarray:
     out = np.empty((x.shape[0], *ROW_SHAPE), dtype=np.float32)
     for k, a, sl in ((kx, x, slice(0, IN_FRAMES)), (ky, y, slice(IN_FRAMES, None))):
         for s in range(0, a.shape[0], 1024):  # chunked: no full-size temporaries
-            chunk = a[s: s + 1024]
+            chunk = a[s : s + 1024]
             if not np.isfinite(chunk).all():
                 raise DataFormatError(f"{path}: {k} holds NaN or infinite values", path)
             lo, hi = float(chunk.min()), float(chunk.max())
             if lo < -SANITY_BOUND or hi > SANITY_BOUND:
-                raise DataFormatError(f"{path}: {k} has values in [{lo:g}, {hi:g}]; TaxiBJ values must be "
-                                      "normalised to [-1, 1] (is this raw flow data?)", path)
-            out[s: s + 1024, sl] = (chunk + 1) / 2
+                raise DataFormatError(
+                    f"{path}: {k} has values in [{lo:g}, {hi:g}]; TaxiBJ values must be "
+                    "normalised to [-1, 1] (is this raw flow data?)",
+                    path,
+                )
+            out[s : s + 1024, sl] = (chunk + 1) / 2
     return out
 
 
@@ -98,20 +100,25 @@ def _read_npz(path: Path, f: Any, keys: tuple[str, str]) -> dict[str, np.ndarray
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise DataFormatError(f"{path}: not a readable .npz archive ({exc})", path) from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise DataFormatError(f"{path}: expected an .npz archive with keys X_train, Y_train, X_test, Y_test, "
-                              "found a single array", path)
+        raise DataFormatError(
+            f"{path}: expected an .npz archive with keys X_train, Y_train, X_test, Y_test, found a single array", path
+        )
     with npz:
         missing = [k for k in keys if k not in npz.files]
         if missing:
-            raise DataFormatError(f"{path}: missing key(s) {missing}; found {sorted(npz.files)}; expected "
-                                  f"X_train, Y_train, X_test, Y_test", path)
+            raise DataFormatError(
+                f"{path}: missing key(s) {missing}; found {sorted(npz.files)}; expected "
+                f"X_train, Y_train, X_test, Y_test",
+                path,
+            )
         arrays = {}
         for k in keys:
             try:
                 arrays[k] = npz[k]
             except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error, KeyError) as exc:
-                raise DataFormatError(f"{path}: cannot read {k} ({type(exc).__name__}: {exc}); "
-                                      "the archive is corrupt or truncated", path) from None
+                raise DataFormatError(
+                    f"{path}: cannot read {k} ({type(exc).__name__}: {exc}); the archive is corrupt or truncated", path
+                ) from None
     return arrays
 
 
@@ -134,8 +141,7 @@ def val_split(n: int, seed: int, val_fraction: float | None) -> tuple[np.ndarray
     return train, val
 
 
-def build(store: Any, name: str, split: str, *, seed: int, val_fraction: float | None,
-          **kw: Any) -> SequenceDataset:
+def build(store: Any, name: str, split: str, *, seed: int, val_fraction: float | None, **kw: Any) -> SequenceDataset:
     reject_unknown(kw, (), name)
     part = "test" if split == "test" else "train"
     rows = store.part(part)
@@ -176,7 +182,7 @@ def taxibj_series(n_steps: int, seed: int) -> np.ndarray:
     cy, cx = (16 + vy * t) % 32, (16 + vx * t) % 32
     dy = np.minimum(np.abs(yy - cy), 32 - np.abs(yy - cy))
     dx = np.minimum(np.abs(xx - cx), 32 - np.abs(xx - cx))
-    field += 0.6 * np.exp(-(dy ** 2 + dx ** 2) / 18.0)
+    field += 0.6 * np.exp(-(dy**2 + dx**2) / 18.0)
     inflow = field
     outflow = 0.8 * np.roll(field, 1, axis=0) + 0.2 * field  # outflow lags inflow by one step
     out = np.stack([inflow, outflow], axis=1)
@@ -202,20 +208,43 @@ def write_synthetic(folder: Path, seed: int, size: str) -> None:
 
 # ------------------------------------------------------------------------------------------- registry
 
+
 def looks_like(d: Path) -> bool:
     return (d / "dataset.npz").exists()
 
 
-SPEC = register_dataset(DatasetSpec(
-    name="taxibj", family="taxibj", folder="taxibj", source=TaxiBJSource, build=build, looks_like=looks_like,
-    origin=("TaxiBJ comes from the OpenSTL release asset taxibj_dataset.zip (see OpenSTL "
-            "tools/prepare_data/download_taxibj.sh); unzip it so that {expected} exists"),
-    expected_file="dataset.npz", synth=write_synthetic,
-    recipe=Recipe(epochs=200, batch_size=16, lr=4e-4),
-    preset="taxibj", smoke_preset="taxibj-tiny",
-    in_frames=IN_FRAMES, out_frames=OUT_FRAMES, channels=FRAME_SHAPE[0], height=FRAME_SHAPE[1], width=FRAME_SHAPE[2],
-    bench_batch=16,
-    # No digest of OpenSTL's archive is published: it is checked by unpacking it and opening it with the reader.
-    downloads=(SourceFile("taxibj_dataset.zip", (OPENSTL_RELEASE + "taxibj_dataset.zip",), Checksum(),
-                          unpack="zip-member", member="dataset.npz"),),
-))
+SPEC = register_dataset(
+    DatasetSpec(
+        name="taxibj",
+        family="taxibj",
+        folder="taxibj",
+        source=TaxiBJSource,
+        build=build,
+        looks_like=looks_like,
+        origin=(
+            "TaxiBJ comes from the OpenSTL release asset taxibj_dataset.zip (see OpenSTL "
+            "tools/prepare_data/download_taxibj.sh); unzip it so that {expected} exists"
+        ),
+        expected_file="dataset.npz",
+        synth=write_synthetic,
+        recipe=Recipe(epochs=200, batch_size=16, lr=4e-4),
+        preset="taxibj",
+        smoke_preset="taxibj-tiny",
+        in_frames=IN_FRAMES,
+        out_frames=OUT_FRAMES,
+        channels=FRAME_SHAPE[0],
+        height=FRAME_SHAPE[1],
+        width=FRAME_SHAPE[2],
+        bench_batch=16,
+        # No digest of OpenSTL's archive is published: it is checked by unpacking it and opening it with the reader.
+        downloads=(
+            SourceFile(
+                "taxibj_dataset.zip",
+                (OPENSTL_RELEASE + "taxibj_dataset.zip",),
+                Checksum(),
+                unpack="zip-member",
+                member="dataset.npz",
+            ),
+        ),
+    )
+)

@@ -45,8 +45,14 @@ class VSSBlock(nn.Module):
     unused one, which our checkpoint loader drops).
     """
 
-    def __init__(self, dim: int, resolution: tuple[int, int], drop_path: float = 0.0,
-                 d_state: int = 16, fuse_hidden: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        resolution: tuple[int, int],
+        drop_path: float = 0.0,
+        d_state: int = 16,
+        fuse_hidden: bool = False,
+    ) -> None:
         super().__init__()
         self.resolution = resolution
         self.norm = nn.LayerNorm(dim)
@@ -71,14 +77,21 @@ class VMRNNCell(nn.Module):
     o = blocks(x, h); f = sigmoid(o); c' = f * (c + tanh(o)); h' = f * tanh(c').
     """
 
-    def __init__(self, dim: int, resolution: tuple[int, int], depth: int,
-                 drop_path: float | Sequence[float] = 0.0, d_state: int = 16) -> None:
+    def __init__(
+        self,
+        dim: int,
+        resolution: tuple[int, int],
+        depth: int,
+        drop_path: float | Sequence[float] = 0.0,
+        d_state: int = 16,
+    ) -> None:
         super().__init__()
         rates = list(drop_path) if isinstance(drop_path, Sequence) else [float(drop_path)] * depth
         if len(rates) != depth:
             raise ValueError(f"got {len(rates)} drop-path rates for depth {depth}")
         self.blocks = nn.ModuleList(
-            VSSBlock(dim, resolution, rates[i], d_state, fuse_hidden=(i == 0)) for i in range(depth))
+            VSSBlock(dim, resolution, rates[i], d_state, fuse_hidden=(i == 0)) for i in range(depth)
+        )
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         if state is None:

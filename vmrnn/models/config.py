@@ -36,16 +36,19 @@ class ModelConfig:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
         if self.patch_size not in (2, 4, 8):
-            raise ConfigError(f"patch_size must be 2, 4 or 8 (the patch-inflation head upsamples by "
-                              f"powers of two); got {self.patch_size}")
+            raise ConfigError(
+                f"patch_size must be 2, 4 or 8 (the patch-inflation head upsamples by "
+                f"powers of two); got {self.patch_size}"
+            )
         if self.img_size % self.patch_size:
             raise ConfigError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         grid = self.img_size // self.patch_size
         if grid % 2:
             raise ConfigError(f"the token grid {grid}x{grid} (img_size / patch_size) must be even")
         if self.patch_size >= 4 and self.embed_dim % 16:
-            raise ConfigError(f"embed_dim {self.embed_dim} must be a multiple of 16 for patch_size >= 4 "
-                              "(GroupNorm(16) in the head)")
+            raise ConfigError(
+                f"embed_dim {self.embed_dim} must be a multiple of 16 for patch_size >= 4 (GroupNorm(16) in the head)"
+            )
         if not 0.0 <= self.drop_path < 1.0:
             raise ConfigError(f"drop_path must be in [0, 1); got {self.drop_path}")
         if self.arch == "b":
@@ -54,13 +57,14 @@ class ModelConfig:
         else:
             n = len(self.depths_down)
             if n < 1 or len(self.depths_up) != n:
-                raise ConfigError(f"depths_down {self.depths_down} and depths_up {self.depths_up} must be "
-                                  "non-empty and of the same length")
+                raise ConfigError(
+                    f"depths_down {self.depths_down} and depths_up {self.depths_up} must be "
+                    "non-empty and of the same length"
+                )
             if min(self.depths_down + self.depths_up) < 1:
                 raise ConfigError("every VMRNN-D level needs depth >= 1")
-            if grid % 2 ** n:
-                raise ConfigError(f"a {grid}x{grid} token grid cannot be halved {n} times "
-                                  f"(depths_down has {n} levels)")
+            if grid % 2**n:
+                raise ConfigError(f"a {grid}x{grid} token grid cannot be halved {n} times (depths_down has {n} levels)")
 
     @property
     def name(self) -> str:
@@ -90,17 +94,25 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "taxibj": Preset(ModelConfig("b", 32, 2, 4, 128, depth=12), "TaxiBJ VMRNN-B (OpenSTL config)", 2_579_970),
     "kth": Preset(ModelConfig("b", 128, 1, 2, 128, depth=6), "KTH VMRNN-B (OpenSTL config)", 1_214_721),
-    "mmnist": Preset(ModelConfig("d", 64, 1, 2, 128, depths_down=(2, 6), depths_up=(6, 2)),
-                     "Moving MNIST VMRNN-D [2,6]/[6,2] (standalone default, the released model)", 15_267_201),
-    "mmnist-openstl": Preset(ModelConfig("d", 64, 1, 2, 128, depths_down=(2, 2), depths_up=(2, 2)),
-                             "Moving MNIST VMRNN-D [2,2]/[2,2] (OpenSTL config)", 9_674_113),
-    "mmnist-b": Preset(ModelConfig("b", 64, 1, 2, 128, depth=6),
-                       "Moving MNIST VMRNN-B (standalone default depths [6])"),
+    "mmnist": Preset(
+        ModelConfig("d", 64, 1, 2, 128, depths_down=(2, 6), depths_up=(6, 2)),
+        "Moving MNIST VMRNN-D [2,6]/[6,2] (standalone default, the released model)",
+        15_267_201,
+    ),
+    "mmnist-openstl": Preset(
+        ModelConfig("d", 64, 1, 2, 128, depths_down=(2, 2), depths_up=(2, 2)),
+        "Moving MNIST VMRNN-D [2,2]/[2,2] (OpenSTL config)",
+        9_674_113,
+    ),
+    "mmnist-b": Preset(
+        ModelConfig("b", 64, 1, 2, 128, depth=6), "Moving MNIST VMRNN-B (standalone default depths [6])"
+    ),
     # Tiny models with the same data shapes, for smoke sweeps and tests on CPU.
     "taxibj-tiny": Preset(ModelConfig("b", 32, 2, 4, 16, depth=2, d_state=4), "tiny TaxiBJ VMRNN-B"),
     "kth-tiny": Preset(ModelConfig("b", 128, 1, 8, 16, depth=1, d_state=4), "tiny KTH VMRNN-B"),
-    "mmnist-tiny": Preset(ModelConfig("d", 64, 1, 4, 16, depths_down=(1, 1), depths_up=(1, 1), d_state=4),
-                          "tiny Moving MNIST VMRNN-D"),
+    "mmnist-tiny": Preset(
+        ModelConfig("d", 64, 1, 4, 16, depths_down=(1, 1), depths_up=(1, 1), d_state=4), "tiny Moving MNIST VMRNN-D"
+    ),
 }
 
 

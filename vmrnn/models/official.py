@@ -28,9 +28,16 @@ class CheckpointMismatch(ValueError):
 
 
 _SS2D = {
-    "in_proj.weight": "in_proj.weight", "conv2d.weight": "dwconv.weight", "conv2d.bias": "dwconv.bias",
-    "x_proj_weight": "x_proj", "dt_projs_weight": "dt_proj", "dt_projs_bias": "dt_bias",
-    "A_logs": "A_log", "Ds": "skip", "out_norm.weight": "out_norm.weight", "out_norm.bias": "out_norm.bias",
+    "in_proj.weight": "in_proj.weight",
+    "conv2d.weight": "dwconv.weight",
+    "conv2d.bias": "dwconv.bias",
+    "x_proj_weight": "x_proj",
+    "dt_projs_weight": "dt_proj",
+    "dt_projs_bias": "dt_bias",
+    "A_logs": "A_log",
+    "Ds": "skip",
+    "out_norm.weight": "out_norm.weight",
+    "out_norm.bias": "out_norm.bias",
     "out_proj.weight": "out_proj.weight",
 }
 
@@ -48,12 +55,17 @@ def _cell_map(official: str, ours: str, depth: int) -> dict[str, str | None]:
 
 
 def _embed_map(official: str, ours: str | None) -> dict[str, str | None]:
-    return {f"{official}{k}": (f"{ours}{k}" if ours else None)
-            for k in ("proj.weight", "proj.bias", "norm.weight", "norm.bias")}
+    return {
+        f"{official}{k}": (f"{ours}{k}" if ours else None)
+        for k in ("proj.weight", "proj.bias", "norm.weight", "norm.bias")
+    }
 
 
 def _inflate_map(official: str, ours: str, patch_size: int) -> dict[str, str | None]:
-    m: dict[str, str | None] = {f"{official}Conv.weight": f"{ours}out.weight", f"{official}Conv.bias": f"{ours}out.bias"}
+    m: dict[str, str | None] = {
+        f"{official}Conv.weight": f"{ours}out.weight",
+        f"{official}Conv.bias": f"{ours}out.bias",
+    }
     for j in range(patch_size // 4):
         for idx in (3 * j, 3 * j + 1):
             for k in ("weight", "bias"):
@@ -120,14 +132,15 @@ def _normalise_keys(state: Mapping[str, Tensor], config: ModelConfig) -> dict[st
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         if key.startswith("module."):
-            key = key[len("module."):]
+            key = key[len("module.") :]
         if config.arch == "b" and key.startswith("ST.layers."):
             cell = key.split(".")[2]
             if cell != "0":
                 raise CheckpointMismatch(
                     f"'{key}': this standalone VMRNN-B checkpoint stacks several cells (depths list of "
-                    "length > 1); only single-cell VMRNN-B models are supported")
-            key = "ST.layer." + key[len("ST.layers.0."):]
+                    "length > 1); only single-cell VMRNN-B models are supported"
+                )
+            key = "ST.layer." + key[len("ST.layers.0.") :]
         out[key] = value
     return out
 
@@ -143,8 +156,11 @@ def convert_official_state_dict(state: Mapping[str, Tensor], config: ModelConfig
     key_map, shapes = official_key_map(config), official_shapes(config)
     missing = sorted(set(key_map) - set(state))
     unexpected = sorted(set(state) - set(key_map))
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs expected {shapes[k]}"
-             for k in sorted(set(key_map) & set(state)) if tuple(state[k].shape) != shapes[k]]
+    wrong = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs expected {shapes[k]}"
+        for k in sorted(set(key_map) & set(state))
+        if tuple(state[k].shape) != shapes[k]
+    ]
     if missing or unexpected or wrong:
         parts = [f"the checkpoint does not fit {config.name} {config.to_dict()}:"]
         for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):

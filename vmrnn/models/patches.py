@@ -30,8 +30,11 @@ class PatchInflate(nn.Module):
         self.grid = grid
         layers: list[nn.Module] = []
         for _ in range(patch_size // 4):
-            layers += [nn.ConvTranspose2d(embed_dim, embed_dim, 3, stride=2, padding=1, output_padding=1),
-                       nn.GroupNorm(16, embed_dim), nn.LeakyReLU(0.2)]
+            layers += [
+                nn.ConvTranspose2d(embed_dim, embed_dim, 3, stride=2, padding=1, output_padding=1),
+                nn.GroupNorm(16, embed_dim),
+                nn.LeakyReLU(0.2),
+            ]
         self.up = nn.Sequential(*layers)
         self.out = nn.ConvTranspose2d(embed_dim, in_chans, 3, stride=2, padding=1, output_padding=1)
 

@@ -18,6 +18,7 @@ from vmrnn.ops.ss2d_scan import ss2d_scan
 N_DIRECTIONS = 4
 SS2D_IMPLS = ("reference", "fused")
 
+
 def cross_scan(x: Tensor) -> Tensor:
     """(B, D, H, W) -> (B, 4, D, L): row-major, column-major, and the two reversed."""
     b, d, h, w = x.shape
@@ -40,8 +41,16 @@ def cross_merge(y: Tensor, h: int, w: int) -> Tensor:
 class SS2D(nn.Module):
     """Selective-scan 2-D mixer on channels-last input (B, H, W, C) -> (B, H, W, C)."""
 
-    def __init__(self, dim: int, d_state: int = 16, expand: int = 2, d_conv: int = 3,
-                 dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4) -> None:
+    def __init__(
+        self,
+        dim: int,
+        d_state: int = 16,
+        expand: int = 2,
+        d_conv: int = 3,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_init_floor: float = 1e-4,
+    ) -> None:
         super().__init__()
         inner = expand * dim
         rank = math.ceil(dim / 16)
@@ -75,12 +84,14 @@ class SS2D(nn.Module):
         dt_min, dt_max, floor = self._dt_range
         bound = 1.0 / math.sqrt(self.inner)  # what nn.Linear's default init gives each direction
         self.x_proj.uniform_(-bound, bound)
-        self.dt_proj.uniform_(-self.rank ** -0.5, self.rank ** -0.5)
-        dt = torch.exp(torch.rand(N_DIRECTIONS, self.inner) * (math.log(dt_max) - math.log(dt_min))
-                       + math.log(dt_min)).clamp(min=floor)
+        self.dt_proj.uniform_(-(self.rank**-0.5), self.rank**-0.5)
+        dt = torch.exp(
+            torch.rand(N_DIRECTIONS, self.inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        ).clamp(min=floor)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32))
-                         .repeat(N_DIRECTIONS * self.inner, 1))
+        self.A_log.copy_(
+            torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(N_DIRECTIONS * self.inner, 1)
+        )
         self.skip.fill_(1.0)
 
     def scan(self, x: Tensor) -> Tensor:
@@ -96,9 +107,15 @@ class SS2D(nn.Module):
         else:  # bf16 u/delta/B/C into the kernel (fp32 state, fp32 A/D/bias); output in fp32 for the merge
             dts, Bs, Cs = dts.to(xs.dtype), Bs.to(xs.dtype), Cs.to(xs.dtype)
         y = selective_scan(
-            xs.reshape(b, -1, L), dts.reshape(b, -1, L),
-            -torch.exp(self.A_log.float()), Bs, Cs, self.skip.float(),
-            delta_bias=self.dt_bias.float().reshape(-1), delta_softplus=True, backend=self.scan_backend,
+            xs.reshape(b, -1, L),
+            dts.reshape(b, -1, L),
+            -torch.exp(self.A_log.float()),
+            Bs,
+            Cs,
+            self.skip.float(),
+            delta_bias=self.dt_bias.float().reshape(-1),
+            delta_softplus=True,
+            backend=self.scan_backend,
         ).reshape(b, N_DIRECTIONS, d, L)
         return cross_merge(y.float(), h, w).transpose(1, 2).reshape(b, h, w, d)
 
@@ -126,9 +143,19 @@ class SS2D(nn.Module):
         x_dbl = F.linear(u, self.x_proj.reshape(-1, d)).view(b, L, N_DIRECTIONS, r + 2 * n)
         dt_w = torch.block_diag(*self.dt_proj.transpose(1, 2).unbind(0))  # (4R, 4D)
         delta = torch.matmul(x_dbl[..., :r].reshape(b, L, N_DIRECTIONS * r), dt_w.to(x_dbl.dtype))
-        y = ss2d_scan(u, delta.view(b, L, N_DIRECTIONS, d), -torch.exp(self.A_log.float()),
-                      x_dbl[..., r:r + n], x_dbl[..., r + n:], self.skip.float(),
-                      self.dt_bias.float().reshape(-1), h, w, True, backend=self.fused_backend)
+        y = ss2d_scan(
+            u,
+            delta.view(b, L, N_DIRECTIONS, d),
+            -torch.exp(self.A_log.float()),
+            x_dbl[..., r : r + n],
+            x_dbl[..., r + n :],
+            self.skip.float(),
+            self.dt_bias.float().reshape(-1),
+            h,
+            w,
+            True,
+            backend=self.fused_backend,
+        )
         y = y.sum(2, dtype=torch.float32).view(b, h, w, d)  # the cross-merge: sum of the 4 directions
         y = self.out_norm(y.to(z.dtype))
         return self.out_proj(y * F.silu(z))

@@ -39,8 +39,10 @@ class VMRNNBase(nn.Module):
             raise ValueError(f"{what} must be (batch, time, channels, height, width); got shape {tuple(frames.shape)}")
         _, _, ch, h, w = frames.shape
         if (ch, h, w) != (c.in_chans, c.img_size, c.img_size):
-            raise ValueError(f"{what} frames are {ch}x{h}x{w} but the model expects "
-                             f"{c.in_chans}x{c.img_size}x{c.img_size} (channels x height x width)")
+            raise ValueError(
+                f"{what} frames are {ch}x{h}x{w} but the model expects "
+                f"{c.in_chans}x{c.img_size}x{c.img_size} (channels x height x width)"
+            )
 
     def forward(self, frames: Tensor, n_input: int) -> Tensor:
         """Official rollout over (B, T_tot, C, H, W): predictions of frames 1..T_tot-1.
@@ -93,7 +95,7 @@ class VMRNNB(VMRNNBase):
 def _linspace_slices(total_rate: float, depths: tuple[int, ...]) -> list[list[float]]:
     rates = torch.linspace(0, total_rate, sum(depths)).tolist()
     starts = [sum(depths[:i]) for i in range(len(depths))]
-    return [rates[s:s + d] for s, d in zip(starts, depths)]
+    return [rates[s : s + d] for s, d in zip(starts, depths)]
 
 
 class VMRNND(VMRNNBase):
@@ -109,9 +111,9 @@ class VMRNND(VMRNNBase):
         self.down_cells = nn.ModuleList()
         self.merges = nn.ModuleList()
         for i in range(n):
-            r = grid // 2 ** i
-            self.down_cells.append(VMRNNCell(e * 2 ** i, (r, r), c.depths_down[i], down_rates[i], c.d_state))
-            self.merges.append(PatchMerging(r, e * 2 ** i))
+            r = grid // 2**i
+            self.down_cells.append(VMRNNCell(e * 2**i, (r, r), c.depths_down[i], down_rates[i], c.d_state))
+            self.merges.append(PatchMerging(r, e * 2**i))
         # depths_up is listed from the output end: up level i (coarsest first) uses depths_up[n-1-i].
         up_rates = _linspace_slices(c.drop_path, c.depths_up)
         self.up_cells = nn.ModuleList()
@@ -142,8 +144,9 @@ LossKind = Literal["mse", "mse+l1"]
 LossTarget = Literal["all", "future"]
 
 
-def rollout_loss(preds: Tensor, frames: Tensor, n_input: int, target: LossTarget = "all",
-                 kind: LossKind = "mse") -> Tensor:
+def rollout_loss(
+    preds: Tensor, frames: Tensor, n_input: int, target: LossTarget = "all", kind: LossKind = "mse"
+) -> Tensor:
     """The official training loss of a rollout.
 
     ``target="all"`` (OpenSTL): mean squared error over all T_tot-1 outputs against frames 1..T_tot-1,
@@ -153,7 +156,7 @@ def rollout_loss(preds: Tensor, frames: Tensor, n_input: int, target: LossTarget
     if target == "all":
         p, t = preds, frames[:, 1:]
     elif target == "future":
-        p, t = preds[:, n_input - 1:], frames[:, n_input:]
+        p, t = preds[:, n_input - 1 :], frames[:, n_input:]
     else:
         raise ValueError(f"unknown loss target {target!r}; choose 'all' or 'future'")
     loss = F.mse_loss(p, t)

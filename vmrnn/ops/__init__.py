@@ -18,5 +18,10 @@ from vmrnn.ops.selective_scan import (
     selective_scan_ref,
 )
 
-__all__ = ["ScanBackendUnavailable", "cuda_scan_available", "selective_scan", "selective_scan_cuda",
-           "selective_scan_ref"]
+__all__ = [
+    "ScanBackendUnavailable",
+    "cuda_scan_available",
+    "selective_scan",
+    "selective_scan_cuda",
+    "selective_scan_ref",
+]

@@ -29,8 +29,10 @@ import torch.nn.functional as F
 from vmrnn.ops.selective_scan import _cuda_kernel, selective_scan
 
 EXIT_PASS, EXIT_FAIL, EXIT_NO_GPU, EXIT_MISSING = 0, 1, 2, 3
-BUILD_HINT = ("build it for this GPU with `bash cluster/install_kernels.sh` "
-              "(add --with-causal-conv1d for causal_conv1d), then re-run this check")
+BUILD_HINT = (
+    "build it for this GPU with `bash cluster/install_kernels.sh` "
+    "(add --with-causal-conv1d for causal_conv1d), then re-run this check"
+)
 
 
 @dataclass
@@ -89,8 +91,16 @@ def _scan_inputs(batch, dim, d_state, seqlen, groups, with_d, device, gen):
 def _run_scan(inputs: dict[str, torch.Tensor], backend: str | Callable, softplus: bool, upstream: torch.Tensor):
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
     scan = backend if callable(backend) else functools.partial(selective_scan, backend=backend)
-    out = scan(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"],
-               D=leaves.get("D"), delta_bias=leaves.get("delta_bias"), delta_softplus=softplus)
+    out = scan(
+        leaves["u"],
+        leaves["delta"],
+        leaves["A"],
+        leaves["B"],
+        leaves["C"],
+        D=leaves.get("D"),
+        delta_bias=leaves.get("delta_bias"),
+        delta_softplus=softplus,
+    )
     (out * upstream).sum().backward()
     return out.detach(), {k: v.grad for k, v in leaves.items()}
 
@@ -109,14 +119,17 @@ def check_selective_scan(device: str = "cuda", candidate: str | Callable = "cuda
         case.errors["forward"] = max_rel_error(out_c, out_r)
         for key in inputs:
             if grads_c[key] is None or grads_r[key] is None:
-                raise AssertionError(f"{name}: no gradient for {key} "
-                                     f"({candidate}: {grads_c[key] is not None}, torch: {grads_r[key] is not None})")
+                raise AssertionError(
+                    f"{name}: no gradient for {key} "
+                    f"({candidate}: {grads_c[key] is not None}, torch: {grads_r[key] is not None})"
+                )
             case.errors[f"d{key}"] = max_rel_error(grads_c[key], grads_r[key])
         results.append(case)
     return results
 
 
 # --- causal conv1d ---------------------------------------------------------------------------
+
 
 def _conv1d_reference(x, weight, bias, activation):
     width = weight.shape[1]
@@ -128,10 +141,15 @@ def check_causal_conv1d(conv_fn: Callable, device: str = "cuda", seed: int = 0) 
     """Compare `conv_fn(x, weight, bias, activation=...)` with a grouped, left-padded conv1d."""
     gen = torch.Generator().manual_seed(seed)
     results = []
-    for name, batch, dim, seqlen, width, activation in (("L=37 width=4 silu", 2, 8, 37, 4, "silu"),
-                                                         ("L=64 width=3 linear", 2, 16, 64, 3, None)):
-        base = {"x": torch.randn(batch, dim, seqlen, generator=gen), "weight": torch.randn(dim, width, generator=gen),
-                "bias": torch.randn(dim, generator=gen)}
+    for name, batch, dim, seqlen, width, activation in (
+        ("L=37 width=4 silu", 2, 8, 37, 4, "silu"),
+        ("L=64 width=3 linear", 2, 16, 64, 3, None),
+    ):
+        base = {
+            "x": torch.randn(batch, dim, seqlen, generator=gen),
+            "weight": torch.randn(dim, width, generator=gen),
+            "bias": torch.randn(dim, generator=gen),
+        }
         upstream = torch.randn(batch, dim, seqlen, generator=gen).to(device)
         outs, grads = [], []
         for fn in (conv_fn, _conv1d_reference):
@@ -149,6 +167,7 @@ def check_causal_conv1d(conv_fn: Callable, device: str = "cuda", seed: int = 0) 
 
 
 # --- reporting -------------------------------------------------------------------------------
+
 
 def _version(dist: str) -> str:
     try:
@@ -178,11 +197,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     start_all = time.perf_counter()
-    print(f"torch {torch.__version__} (built with CUDA {torch.version.cuda}); "
-          f"mamba_ssm {_version('mamba_ssm')}; causal_conv1d {_version('causal_conv1d')}")
+    print(
+        f"torch {torch.__version__} (built with CUDA {torch.version.cuda}); "
+        f"mamba_ssm {_version('mamba_ssm')}; causal_conv1d {_version('causal_conv1d')}"
+    )
     if not torch.cuda.is_available():
-        print("FAIL: no CUDA GPU is visible to torch (torch.cuda.is_available() is False): the CUDA kernels "
-              "can only be checked on a GPU machine with a CUDA build of torch.", file=sys.stderr)
+        print(
+            "FAIL: no CUDA GPU is visible to torch (torch.cuda.is_available() is False): the CUDA kernels "
+            "can only be checked on a GPU machine with a CUDA build of torch.",
+            file=sys.stderr,
+        )
         return EXIT_NO_GPU
     major, minor = torch.cuda.get_device_capability()
     print(f"GPU: {torch.cuda.get_device_name()} (sm_{major}{minor}), {torch.cuda.device_count()} visible")
@@ -193,17 +217,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     kernel, why = _cuda_kernel()
     if kernel is None:
-        print(f"FAIL [mamba_ssm]: the compiled kernel `selective_scan_cuda` does not import ({why}); {BUILD_HINT}.",
-              file=sys.stderr)
+        print(
+            f"FAIL [mamba_ssm]: the compiled kernel `selective_scan_cuda` does not import ({why}); {BUILD_HINT}.",
+            file=sys.stderr,
+        )
         return EXIT_MISSING
-    print(f"[mamba_ssm] selective_scan_cuda imported from {getattr(kernel, '__file__', '?')} "
-          f"in {time.perf_counter() - start:.2f} s")
+    print(
+        f"[mamba_ssm] selective_scan_cuda imported from {getattr(kernel, '__file__', '?')} "
+        f"in {time.perf_counter() - start:.2f} s"
+    )
     try:
         cases = check_selective_scan("cuda", "cuda", args.seed)
         torch.cuda.synchronize()
     except Exception as exc:  # e.g. "no kernel image is available": built for another GPU architecture
-        print(f"FAIL [mamba_ssm]: running the kernel raised {type(exc).__name__}: {exc}; {BUILD_HINT}.",
-              file=sys.stderr)
+        print(
+            f"FAIL [mamba_ssm]: running the kernel raised {type(exc).__name__}: {exc}; {BUILD_HINT}.", file=sys.stderr
+        )
         return EXIT_FAIL
     if not _report("mamba_ssm", cases, args.tol, time.perf_counter() - start):
         status = EXIT_FAIL
@@ -213,16 +242,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             from causal_conv1d import causal_conv1d_fn  # noqa: PLC0415
         except Exception as exc:  # ImportError, or an undefined-symbol error from an ABI mismatch
-            print(f"FAIL [causal_conv1d]: `causal_conv1d` does not import ({type(exc).__name__}: {exc}); "
-                  f"{BUILD_HINT}.", file=sys.stderr)
+            print(
+                f"FAIL [causal_conv1d]: `causal_conv1d` does not import ({type(exc).__name__}: {exc}); {BUILD_HINT}.",
+                file=sys.stderr,
+            )
             return EXIT_MISSING
         print(f"[causal_conv1d] imported in {time.perf_counter() - start:.2f} s")
         try:
             cases = check_causal_conv1d(causal_conv1d_fn, "cuda", args.seed)
             torch.cuda.synchronize()
         except Exception as exc:
-            print(f"FAIL [causal_conv1d]: running the kernel raised {type(exc).__name__}: {exc}; {BUILD_HINT}.",
-                  file=sys.stderr)
+            print(
+                f"FAIL [causal_conv1d]: running the kernel raised {type(exc).__name__}: {exc}; {BUILD_HINT}.",
+                file=sys.stderr,
+            )
             return EXIT_FAIL
         if not _report("causal_conv1d", cases, args.tol, time.perf_counter() - start):
             status = EXIT_FAIL

@@ -25,13 +25,13 @@ class ScanPlan(NamedTuple):
     """Launch plan. nseg > 1: the chunk-parallel scan, nseg segments of cps chunks of ck tokens (the
     state buffer then holds nc = nseg * cps chunk start states)."""
 
-    bd: int      # channels per program
-    ck: int      # tokens per chunk (the interval of the stored states)
-    u_fwd: int   # forward unroll: tokens whose outputs are stored together
-    u_bwd: int   # backward unroll
+    bd: int  # channels per program
+    ck: int  # tokens per chunk (the interval of the stored states)
+    u_fwd: int  # forward unroll: tokens whose outputs are stored together
+    u_bwd: int  # backward unroll
     warps: int
-    nseg: int    # segments run in parallel (1: one program walks the whole sequence)
-    cps: int     # chunks per segment
+    nseg: int  # segments run in parallel (1: one program walks the whole sequence)
+    cps: int  # chunks per segment
 
     @property
     def nc(self) -> int:
@@ -42,9 +42,19 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def scan_plan(batch: int, L: int, d: int, n: int, *, bd: int | None = None, ck: int | None = None,
-              nseg: int | None = None, u_fwd: int | None = None, u_bwd: int | None = None,
-              warps: int | None = None) -> ScanPlan:
+def scan_plan(
+    batch: int,
+    L: int,
+    d: int,
+    n: int,
+    *,
+    bd: int | None = None,
+    ck: int | None = None,
+    nseg: int | None = None,
+    u_fwd: int | None = None,
+    u_bwd: int | None = None,
+    warps: int | None = None,
+) -> ScanPlan:
     """How the Triton scan runs a size; each keyword fixes one choice and the rest follow from it.
 
     When batch x 4 directions x D/32 programs are too few to fill the GPU (long sequences at small

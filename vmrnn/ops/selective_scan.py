@@ -6,8 +6,9 @@ For every channel d (with group g = d // (D / G) choosing B and C):
     y_l   = <C_{g,l}, h_l> + D_d * u_l
 
 Backends:
-- ``torch`` (`selective_scan_ref`, the reference): pure PyTorch, differentiable, vectorised over batch, channels and state; the sequence
-  axis uses a log2(L)-step parallel (Hillis-Steele) scan, so there is no Python loop over tokens.
+- ``torch`` (`selective_scan_ref`, the reference): pure PyTorch, differentiable, vectorised over batch,
+  channels and state; the sequence axis uses a log2(L)-step parallel (Hillis-Steele) scan, so there is
+  no Python loop over tokens.
 - ``cuda``: mamba_ssm's compiled kernel (``selective_scan_cuda``), wrapped as a ``torch.library``
   custom op with autograd and a fake implementation so ``torch.compile`` / ``torch.export`` can trace it.
 - ``auto``: ``cuda`` for CUDA tensors when the kernel imports, else ``torch``.
@@ -46,7 +47,9 @@ def cuda_scan_available() -> bool:
 
 def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
     if u.dim() != 3 or delta.shape != u.shape:
-        raise ValueError(f"u and delta must both be (batch, dim, seqlen); got {tuple(u.shape)} and {tuple(delta.shape)}")
+        raise ValueError(
+            f"u and delta must both be (batch, dim, seqlen); got {tuple(u.shape)} and {tuple(delta.shape)}"
+        )
     batch, dim, seqlen = u.shape
     if A.dim() != 2 or A.shape[0] != dim:
         raise ValueError(f"A must be (dim={dim}, d_state); got {tuple(A.shape)}")
@@ -57,7 +60,9 @@ def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> 
     n_state = A.shape[1]
     for name, t in (("B", B), ("C", C)):
         if t.dim() != 4 or t.shape[0] != batch or t.shape[2] != n_state or t.shape[3] != seqlen:
-            raise ValueError(f"{name} must be (batch, groups, d_state={n_state}, seqlen={seqlen}); got {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must be (batch, groups, d_state={n_state}, seqlen={seqlen}); got {tuple(t.shape)}"
+            )
         if dim % t.shape[1]:
             raise ValueError(f"{name} has {t.shape[1]} groups, which does not divide dim={dim}")
     return B, C
@@ -78,8 +83,14 @@ def _parallel_linear_scan(a: Tensor, b: Tensor) -> Tensor:
 
 
 def selective_scan_ref(
-    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-    D: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
 ) -> Tensor:
     """Pure-PyTorch selective scan (fp32 internally); returns (batch, dim, seqlen) in u's dtype."""
     B, C = _check_shapes(u, delta, A, B, C)
@@ -105,6 +116,7 @@ def selective_scan_ref(
 
 # --- CUDA backend: mamba_ssm's kernel as a custom op --------------------------------------------
 
+
 def _cuda_fwd_impl(u, delta, A, B, C, D, delta_bias, delta_softplus):
     kernel, _ = _cuda_kernel()
     out, x, *_ = kernel.fwd(u, delta, A, B, C, D, None, delta_bias, delta_softplus)
@@ -112,10 +124,26 @@ def _cuda_fwd_impl(u, delta, A, B, C, D, delta_bias, delta_softplus):
 
 
 @torch.library.custom_op("vmrnn::selective_scan_fwd", mutates_args=())
-def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-              delta_bias: Tensor | None, delta_softplus: bool) -> tuple[Tensor, Tensor]:
-    out, x = _cuda_fwd_impl(u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(),
-                            C.contiguous(), D, delta_bias, delta_softplus)
+def _scan_fwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+) -> tuple[Tensor, Tensor]:
+    out, x = _cuda_fwd_impl(
+        u.contiguous(),
+        delta.contiguous(),
+        A.contiguous(),
+        B.contiguous(),
+        C.contiguous(),
+        D,
+        delta_bias,
+        delta_softplus,
+    )
     return out, x
 
 
@@ -127,13 +155,35 @@ def _scan_fwd_fake(u, delta, A, B, C, D, delta_bias, delta_softplus):
 
 
 @torch.library.custom_op("vmrnn::selective_scan_bwd", mutates_args=())
-def _scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-              delta_bias: Tensor | None, dout: Tensor, x: Tensor, delta_softplus: bool
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _scan_bwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    delta_bias: Tensor | None,
+    dout: Tensor,
+    x: Tensor,
+    delta_softplus: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     kernel, _ = _cuda_kernel()
     du, ddelta, dA, dB, dC, dD, ddb, *_ = kernel.bwd(
-        u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(), D, None,
-        delta_bias, dout.contiguous(), x, None, None, delta_softplus, False)
+        u.contiguous(),
+        delta.contiguous(),
+        A.contiguous(),
+        B.contiguous(),
+        C.contiguous(),
+        D,
+        None,
+        delta_bias,
+        dout.contiguous(),
+        x,
+        None,
+        None,
+        delta_softplus,
+        False,
+    )
     # custom ops cannot return None: absent D / delta_bias give empty placeholders.
     if D is None:
         dD = A.new_empty(0)
@@ -144,9 +194,15 @@ def _scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tens
 
 @_scan_bwd.register_fake
 def _scan_bwd_fake(u, delta, A, B, C, D, delta_bias, dout, x, delta_softplus):
-    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
-            torch.empty_like(C), torch.empty_like(D) if D is not None else A.new_empty(0),
-            torch.empty_like(delta_bias) if delta_bias is not None else A.new_empty(0))
+    return (
+        torch.empty_like(u),
+        torch.empty_like(delta),
+        torch.empty_like(A),
+        torch.empty_like(B),
+        torch.empty_like(C),
+        torch.empty_like(D) if D is not None else A.new_empty(0),
+        torch.empty_like(delta_bias) if delta_bias is not None else A.new_empty(0),
+    )
 
 
 def _scan_setup_context(ctx, inputs, output):
@@ -167,15 +223,22 @@ _scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 
 
 def selective_scan_cuda(
-    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-    D: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
 ) -> Tensor:
     """mamba_ssm's CUDA kernel; raises ScanBackendUnavailable with the reason when it cannot run."""
     kernel, why = _cuda_kernel()
     if kernel is None:
         raise ScanBackendUnavailable(
             "the 'cuda' selective-scan backend needs mamba_ssm's compiled kernel "
-            f"(pip install 'vmrnn-sweeps[cuda]' --no-build-isolation, or cluster/install_kernels.sh): {why}")
+            f"(pip install 'vmrnn-sweeps[cuda]' --no-build-isolation, or cluster/install_kernels.sh): {why}"
+        )
     if not u.is_cuda:
         raise ScanBackendUnavailable(f"the 'cuda' selective-scan backend needs CUDA tensors; got {u.device}")
     B, C = _check_shapes(u, delta, A, B, C)
@@ -189,8 +252,14 @@ def selective_scan_cuda(
 
 
 def selective_scan(
-    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-    D: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
     backend: Backend = "auto",
 ) -> Tensor:
     """Selective scan, mamba_ssm semantics (no z gate).

@@ -46,6 +46,7 @@ if HAS_TRITON:
 
 # --- index maps ------------------------------------------------------------------------------------
 
+
 @functools.lru_cache(maxsize=64)
 def _scan_index_cpu(h: int, w: int) -> Tensor:
     """(4, L): spatial place of scan step l for each direction."""
@@ -90,15 +91,24 @@ def _check(u: Tensor, delta: Tensor, A: Tensor, Bs: Tensor, Cs: Tensor, h: int, 
             raise ValueError(f"{name} must be (batch, L, 4, N) = {(b, L, N_DIR, n)}; got {tuple(t.shape)}")
 
 
-def ss2d_scan_ref(u: Tensor, delta: Tensor, A: Tensor, Bs: Tensor, Cs: Tensor, Ds: Tensor | None,
-                  delta_bias: Tensor | None, h: int, w: int, delta_softplus: bool = True) -> Tensor:
+def ss2d_scan_ref(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    Bs: Tensor,
+    Cs: Tensor,
+    Ds: Tensor | None,
+    delta_bias: Tensor | None,
+    h: int,
+    w: int,
+    delta_softplus: bool = True,
+) -> Tensor:
     """Reference: gather to scan order, `selective_scan_ref`, scatter back. Returns (B, L, 4, D)."""
     _check(u, delta, A, Bs, Cs, h, w)
     b, L, d = u.shape
     xs = to_scan_order(u.unsqueeze(2), h, w).reshape(b, N_DIR * d, L)
     dts = to_scan_order(delta, h, w).reshape(b, N_DIR * d, L)
-    y = selective_scan_ref(xs, dts, A, to_scan_order(Bs, h, w), to_scan_order(Cs, h, w), Ds,
-                           delta_bias, delta_softplus)
+    y = selective_scan_ref(xs, dts, A, to_scan_order(Bs, h, w), to_scan_order(Cs, h, w), Ds, delta_bias, delta_softplus)
     return from_scan_order(y.reshape(b, N_DIR, d, L), h, w)
 
 
@@ -118,17 +128,30 @@ def combine_segments_ref(loc: Tensor, sdt: Tensor, A: Tensor, reverse: bool = Fa
 
 # --- the Triton scan as custom ops -----------------------------------------------------------------
 
+
 def _plan_of(plan: list[int] | None, b: int, L: int, d: int, n: int) -> ScanPlan:
     return ScanPlan(*plan) if plan is not None else scan_plan(b, L, d, n)
 
 
 @torch.library.custom_op("vmrnn::ss2d_scan_fwd", mutates_args=())
-def _op_fwd(u: Tensor, delta: Tensor, A: Tensor, Bs: Tensor, Cs: Tensor, Ds: Tensor | None,
-            delta_bias: Tensor | None, h: int, w: int, delta_softplus: bool, save: bool,
-            plan: list[int] | None = None) -> tuple[Tensor, Tensor]:
+def _op_fwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    Bs: Tensor,
+    Cs: Tensor,
+    Ds: Tensor | None,
+    delta_bias: Tensor | None,
+    h: int,
+    w: int,
+    delta_softplus: bool,
+    save: bool,
+    plan: list[int] | None = None,
+) -> tuple[Tensor, Tensor]:
     b, L, d = u.shape
-    return ss2d_scan_fwd(u, delta, A, Bs, Cs, Ds, delta_bias, h, w, delta_softplus, save,
-                         _plan_of(plan, b, L, d, A.shape[1]))
+    return ss2d_scan_fwd(
+        u, delta, A, Bs, Cs, Ds, delta_bias, h, w, delta_softplus, save, _plan_of(plan, b, L, d, A.shape[1])
+    )
 
 
 @_op_fwd.register_fake
@@ -142,21 +165,40 @@ def _op_fwd_fake(u, delta, A, Bs, Cs, Ds, delta_bias, h, w, delta_softplus, save
 
 
 @torch.library.custom_op("vmrnn::ss2d_scan_bwd", mutates_args=())
-def _op_bwd(u: Tensor, delta: Tensor, A: Tensor, Bs: Tensor, Cs: Tensor, Ds: Tensor | None,
-            delta_bias: Tensor | None, hc: Tensor, dy: Tensor, h: int, w: int, delta_softplus: bool,
-            plan: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _op_bwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    Bs: Tensor,
+    Cs: Tensor,
+    Ds: Tensor | None,
+    delta_bias: Tensor | None,
+    hc: Tensor,
+    dy: Tensor,
+    h: int,
+    w: int,
+    delta_softplus: bool,
+    plan: list[int] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     b, L, d = u.shape
-    du, ddl, dA, dB, dC, dD, db = ss2d_scan_bwd(u, delta, A, Bs, Cs, Ds, delta_bias, hc, dy, h, w, delta_softplus,
-                                                _plan_of(plan, b, L, d, A.shape[1]))
+    du, ddl, dA, dB, dC, dD, db = ss2d_scan_bwd(
+        u, delta, A, Bs, Cs, Ds, delta_bias, hc, dy, h, w, delta_softplus, _plan_of(plan, b, L, d, A.shape[1])
+    )
     return du, ddl, dA, dB, dC, dD, db
 
 
 @_op_bwd.register_fake
 def _op_bwd_fake(u, delta, A, Bs, Cs, Ds, delta_bias, hc, dy, h, w, delta_softplus, plan=None):
     d4 = A.shape[0]
-    return (u.new_empty(u.shape), delta.new_empty(delta.shape), A.new_empty(A.shape, dtype=torch.float32),
-            Bs.new_empty(Bs.shape), Cs.new_empty(Cs.shape), A.new_empty((d4,), dtype=torch.float32),
-            A.new_empty((d4,), dtype=torch.float32))
+    return (
+        u.new_empty(u.shape),
+        delta.new_empty(delta.shape),
+        A.new_empty(A.shape, dtype=torch.float32),
+        Bs.new_empty(Bs.shape),
+        Cs.new_empty(Cs.shape),
+        A.new_empty((d4,), dtype=torch.float32),
+        A.new_empty((d4,), dtype=torch.float32),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -170,33 +212,69 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dhc):
     u, delta, A, Bs, Cs, Ds, delta_bias, hc = ctx.saved_tensors
-    du, ddl, dA, dB, dC, dD, db = _op_bwd(u, delta, A, Bs, Cs, Ds, delta_bias, hc, dy, ctx.h, ctx.w, ctx.softplus,
-                                          ctx.plan)
+    du, ddl, dA, dB, dC, dD, db = _op_bwd(
+        u, delta, A, Bs, Cs, Ds, delta_bias, hc, dy, ctx.h, ctx.w, ctx.softplus, ctx.plan
+    )
     a_t, d_t, b_t = ctx.dtypes
-    return (du, ddl, dA.to(a_t), dB, dC, dD.to(d_t) if ctx.has_D else None,
-            db.to(b_t) if ctx.has_bias else None, None, None, None, None, None)
+    return (
+        du,
+        ddl,
+        dA.to(a_t),
+        dB,
+        dC,
+        dD.to(d_t) if ctx.has_D else None,
+        db.to(b_t) if ctx.has_bias else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 _op_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def ss2d_scan_triton(u: Tensor, delta: Tensor, A: Tensor, Bs: Tensor, Cs: Tensor, Ds: Tensor | None,
-                     delta_bias: Tensor | None, h: int, w: int, delta_softplus: bool = True,
-                     plan: ScanPlan | None = None) -> Tensor:
+def ss2d_scan_triton(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    Bs: Tensor,
+    Cs: Tensor,
+    Ds: Tensor | None,
+    delta_bias: Tensor | None,
+    h: int,
+    w: int,
+    delta_softplus: bool = True,
+    plan: ScanPlan | None = None,
+) -> Tensor:
     """The Triton scan, differentiable; `plan` fixes the launch (default: `scan_plan` of the sizes)."""
     if not HAS_TRITON:
         raise RuntimeError("the 'triton' SS2D scan needs the triton package")
     _check(u, delta, A, Bs, Cs, h, w)
     save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, Bs, Cs, Ds, delta_bias))
-    y, _ = _op_fwd(u, delta, A, Bs, Cs, Ds, delta_bias, h, w, delta_softplus, save,
-                   list(plan) if plan is not None else None)
+        t is not None and t.requires_grad for t in (u, delta, A, Bs, Cs, Ds, delta_bias)
+    )
+    y, _ = _op_fwd(
+        u, delta, A, Bs, Cs, Ds, delta_bias, h, w, delta_softplus, save, list(plan) if plan is not None else None
+    )
     return y
 
 
-def ss2d_scan(u: Tensor, delta: Tensor, A: Tensor, Bs: Tensor, Cs: Tensor, Ds: Tensor | None,
-              delta_bias: Tensor | None, h: int, w: int, delta_softplus: bool = True,
-              backend: str = "auto", plan: ScanPlan | None = None) -> Tensor:
+def ss2d_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    Bs: Tensor,
+    Cs: Tensor,
+    Ds: Tensor | None,
+    delta_bias: Tensor | None,
+    h: int,
+    w: int,
+    delta_softplus: bool = True,
+    backend: str = "auto",
+    plan: ScanPlan | None = None,
+) -> Tensor:
     """The fused four-direction SS2D scan, spatial layout in and out (see the module docstring).
 
     backend: ``triton`` (the kernel), ``torch`` (`ss2d_scan_ref`), ``auto`` (triton where it can run).
@@ -212,5 +290,14 @@ def ss2d_scan(u: Tensor, delta: Tensor, A: Tensor, Bs: Tensor, Cs: Tensor, Ds: T
     raise ValueError(f"unknown SS2D scan backend {backend!r}; choose 'auto', 'torch' or 'triton'")
 
 
-__all__ = ["HAS_TRITON", "combine_segments_ref", "from_scan_order", "scan_index", "ss2d_scan", "ss2d_scan_ref",
-           "ss2d_scan_triton", "to_scan_order", "triton_usable"]
+__all__ = [
+    "HAS_TRITON",
+    "combine_segments_ref",
+    "from_scan_order",
+    "scan_index",
+    "ss2d_scan",
+    "ss2d_scan_ref",
+    "ss2d_scan_triton",
+    "to_scan_order",
+    "triton_usable",
+]

@@ -58,10 +58,13 @@ def ensure_experiment(uri: str, name: str, *, hint: str = TRAIN_HINT) -> str:
             raise ExperimentDeleted(
                 f"MLflow experiment {name!r} in {strip_credentials(uri)} is deleted: restore it "
                 f"(MLFLOW_TRACKING_URI=... mlflow experiments restore --experiment-id {exp.experiment_id}) "
-                "or choose another experiment name")
+                "or choose another experiment name"
+            )
         return exp.experiment_id
     except TrackingUnavailable:
         raise
     except Exception as exc:
-        raise TrackingUnavailable(f"MLflow tracking store {strip_credentials(uri)} failed: "
-                                  f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+        raise TrackingUnavailable(
+            f"MLflow tracking store {strip_credentials(uri)} failed: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        ) from exc

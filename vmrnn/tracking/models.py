@@ -36,8 +36,9 @@ log = logging.getLogger("vmrnn.train")
 # MLflow is imported inside the functions that call it: importing this module does not import MLflow.
 
 
-def log_forecaster(state: dict[str, Tensor], meta: dict[str, Any], example: np.ndarray, *,
-                   fmt: str = "pt2", name: str = "model") -> tuple[Any, str]:
+def log_forecaster(
+    state: dict[str, Tensor], meta: dict[str, Any], example: np.ndarray, *, fmt: str = "pt2", name: str = "model"
+) -> tuple[Any, str]:
     """Log into the *active* MLflow run. Returns (ModelInfo, the format actually used)."""
     import mlflow
     from mlflow.models import ModelSignature
@@ -45,8 +46,10 @@ def log_forecaster(state: dict[str, Tensor], meta: dict[str, Any], example: np.n
 
     fc = build_forecaster(state, meta["model"], meta["n_input"], meta["n_future"], "cpu", scan_backend="torch")
     _, t_in, c, h, w = example.shape
-    sig = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, t_in, c, h, w))]),
-                         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, meta["n_future"], c, h, w))]))
+    sig = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, t_in, c, h, w))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, meta["n_future"], c, h, w))]),
+    )
     example = np.ascontiguousarray(example, dtype=np.float32)
     torch_req = f"torch=={torch.__version__.split('+')[0]}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,19 +63,36 @@ def log_forecaster(state: dict[str, Tensor], meta: dict[str, Any], example: np.n
             try:
                 # validate_serving_input=False: MLflow would load the exported program back and run it once
                 # more (seconds); the pt2 branch of save_model takes no other extra kwargs.
-                info = mlflow.pytorch.log_model(fc, serialization_format="pt2", validate_serving_input=False,
-                                                pip_requirements=[torch_req, "numpy"], **common)
+                info = mlflow.pytorch.log_model(
+                    fc,
+                    serialization_format="pt2",
+                    validate_serving_input=False,
+                    pip_requirements=[torch_req, "numpy"],
+                    **common,
+                )
                 return info, "pt2"
             except Exception as exc:  # a model torch.export cannot trace: keep training's result anyway
-                log.warning("torch.export of the forecaster failed (%s: %s); logging it with pickle instead",
-                            type(exc).__name__, str(exc).splitlines()[0][:300])
-        info = mlflow.pytorch.log_model(fc, serialization_format="pickle",
-                                        pip_requirements=[torch_req, "numpy", "einops", "vmrnn-sweeps"], **common)
+                log.warning(
+                    "torch.export of the forecaster failed (%s: %s); logging it with pickle instead",
+                    type(exc).__name__,
+                    str(exc).splitlines()[0][:300],
+                )
+        info = mlflow.pytorch.log_model(
+            fc, serialization_format="pickle", pip_requirements=[torch_req, "numpy", "einops", "vmrnn-sweeps"], **common
+        )
         return info, "pickle"
 
 
-def log_forecaster_in_run(uri: str, run_id: str, state: dict[str, Tensor], meta: dict[str, Any],
-                          example: np.ndarray, *, fmt: str = "pt2", name: str = "model") -> tuple[str, str]:
+def log_forecaster_in_run(
+    uri: str,
+    run_id: str,
+    state: dict[str, Tensor],
+    meta: dict[str, Any],
+    example: np.ndarray,
+    *,
+    fmt: str = "pt2",
+    name: str = "model",
+) -> tuple[str, str]:
     """Log into run `run_id` of the store `uri` (whatever run or URI the process has active stays as it
     was). Returns (the model's URI, the format actually used)."""
     import mlflow
@@ -83,8 +103,13 @@ def log_forecaster_in_run(uri: str, run_id: str, state: dict[str, Tensor], meta:
     return info.model_uri, used
 
 
-def load_forecaster(uri_or_path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                    which: str = "best", tracking_uri: str | None = None) -> LoadedForecaster:
+def load_forecaster(
+    uri_or_path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    which: str = "best",
+    tracking_uri: str | None = None,
+) -> LoadedForecaster:
     """Load a forecaster from an MLflow model URI (models:/..., runs:/..., or any artifact URI; resolved
     against `tracking_uri`, default $MLFLOW_TRACKING_URI else ./mlflow.db), an MLflow model folder, or a
     local training checkpoint (an epoch dir, a checkpoint root, or a Ray run folder); `which` picks the
@@ -95,8 +120,9 @@ def load_forecaster(uri_or_path: str | os.PathLike, *, device: str | torch.devic
     if not is_uri:
         p = Path(s).expanduser()
         if not p.exists():
-            raise FileNotFoundError(f"no model at {p}: give a checkpoint folder or an MLflow URI "
-                                    "(models:/NAME@ALIAS, runs:/RUN_ID/model)")
+            raise FileNotFoundError(
+                f"no model at {p}: give a checkpoint folder or an MLflow URI (models:/NAME@ALIAS, runs:/RUN_ID/model)"
+            )
         if (p / "MLmodel").exists():
             return _from_mlflow_dir(p, device, s)
         return load_checkpoint_forecaster(p, device, which)

@@ -37,8 +37,10 @@ class Registration:
     reused: bool  # the run was already registered (resume / re-run)
 
     def describe(self) -> str:
-        return (f"{self.name} version {self.version} -> @{self.alias} ({self.reason}); "
-                f"load it as models:/{self.name}@{self.alias}")
+        return (
+            f"{self.name} version {self.version} -> @{self.alias} ({self.reason}); "
+            f"load it as models:/{self.name}@{self.alias}"
+        )
 
 
 def _eval_rank(kind: str | None) -> int:
@@ -65,8 +67,9 @@ def _get_alias(client, name: str, alias: str):
         return None
 
 
-def decide(new_mse: float, new_kind: str, champ_mse: float | None, champ_kind: str | None,
-           has_champion: bool) -> tuple[bool, str]:
+def decide(
+    new_mse: float, new_kind: str, champ_mse: float | None, champ_kind: str | None, has_champion: bool
+) -> tuple[bool, str]:
     """(promote?, why). Pure: the whole champion/challenger rule in one place."""
     if not has_champion:
         return True, "no champion yet"
@@ -74,8 +77,7 @@ def decide(new_mse: float, new_kind: str, champ_mse: float | None, champ_kind: s
     if new_rank > champ_rank:
         return True, "validated on real data; the champion was validated on synthetic (smoke) data"
     if new_rank < champ_rank:
-        return False, ("validated on synthetic (smoke) data; it never replaces a champion validated on "
-                       "real data")
+        return False, ("validated on synthetic (smoke) data; it never replaces a champion validated on real data")
     if champ_mse is None:
         return True, "the champion has no val_mse recorded"
     if new_mse < champ_mse:
@@ -83,10 +85,20 @@ def decide(new_mse: float, new_kind: str, champ_mse: float | None, champ_kind: s
     return False, f"val_mse {new_mse:.6g} does not beat the champion's {champ_mse:.6g}"
 
 
-def register_best(tracking_uri: str, *, dataset: str, run_id: str, val_mse: float,
-                  metrics: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
-                  sweep: str = "", trial_id: str = "", eval_data: str = "real",
-                  artifact_path: str | None = None, name: str | None = None) -> Registration:
+def register_best(
+    tracking_uri: str,
+    *,
+    dataset: str,
+    run_id: str,
+    val_mse: float,
+    metrics: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+    sweep: str = "",
+    trial_id: str = "",
+    eval_data: str = "real",
+    artifact_path: str | None = None,
+    name: str | None = None,
+) -> Registration:
     """Register runs:/<run_id>/<artifact_path> as `name` (default vmrnn-<dataset>) and move the
     aliases by the rules above."""
     import mlflow
@@ -96,16 +108,27 @@ def register_best(tracking_uri: str, *, dataset: str, run_id: str, val_mse: floa
     artifact_path = artifact_path or T.MODEL_ARTIFACT_PATH
     client = uris.client(tracking_uri)
     try:
-        client.create_registered_model(name, tags={T.TAG_DATASET: dataset},
-                                       description=f"VMRNN forecaster for {dataset}, from vmrnn sweeps")
+        client.create_registered_model(
+            name, tags={T.TAG_DATASET: dataset}, description=f"VMRNN forecaster for {dataset}, from vmrnn sweeps"
+        )
     except MlflowException as exc:
         if "ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
             raise
 
-    tags: dict[str, str] = {k: f"{finite_float(v):.8g}" for k, v in (metrics or {}).items()
-                            if k in T.VERSION_METRIC_TAGS and finite_float(v) is not None}
-    tags.update({"val_mse": f"{val_mse:.8g}", T.TAG_SWEEP: sweep, T.TAG_TRIAL_ID: trial_id,
-                 T.TAG_DATASET: dataset, T.TAG_EVAL_DATA: eval_data})
+    tags: dict[str, str] = {
+        k: f"{finite_float(v):.8g}"
+        for k, v in (metrics or {}).items()
+        if k in T.VERSION_METRIC_TAGS and finite_float(v) is not None
+    }
+    tags.update(
+        {
+            "val_mse": f"{val_mse:.8g}",
+            T.TAG_SWEEP: sweep,
+            T.TAG_TRIAL_ID: trial_id,
+            T.TAG_DATASET: dataset,
+            T.TAG_EVAL_DATA: eval_data,
+        }
+    )
     if config:
         tags[T.TAG_VERSION_CONFIG] = json.dumps(config, sort_keys=True, default=str)[:5000]
 
@@ -126,9 +149,9 @@ def register_best(tracking_uri: str, *, dataset: str, run_id: str, val_mse: floa
     if champion is not None and str(champion.version) == str(mv.version):
         promote, reason = True, "already the champion"
     else:
-        promote, reason = decide(val_mse, eval_data, prev_mse,
-                                 champion.tags.get(T.TAG_EVAL_DATA) if champion else None,
-                                 champion is not None)
+        promote, reason = decide(
+            val_mse, eval_data, prev_mse, champion.tags.get(T.TAG_EVAL_DATA) if champion else None, champion is not None
+        )
     if promote:
         client.set_registered_model_alias(name, T.CHAMPION, mv.version)
         challenger = _get_alias(client, name, T.CHALLENGER)
@@ -139,7 +162,13 @@ def register_best(tracking_uri: str, *, dataset: str, run_id: str, val_mse: floa
         client.set_registered_model_alias(name, T.CHALLENGER, mv.version)
         alias = T.CHALLENGER
     client.set_model_version_tag(name, mv.version, T.TAG_ALIAS_DECISION, reason[:4900])
-    return Registration(name=name, version=str(mv.version), alias=alias,
-                        model_uri=f"models:/{name}/{mv.version}",
-                        previous_champion=prev_version,
-                        previous_champion_mse=prev_mse, reason=reason, reused=reused)
+    return Registration(
+        name=name,
+        version=str(mv.version),
+        alias=alias,
+        model_uri=f"models:/{name}/{mv.version}",
+        previous_champion=prev_version,
+        previous_champion_mse=prev_mse,
+        reason=reason,
+        reused=reused,
+    )

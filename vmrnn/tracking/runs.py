@@ -42,8 +42,15 @@ log = logging.getLogger("vmrnn.train")
 # MLflow is imported inside the methods that call it: importing this module does not import MLflow.
 
 # MLflow error codes that a retry cannot fix: the operation is dropped, not buffered.
-_PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
-                    "BAD_REQUEST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED"}
+_PERMANENT_CODES = {
+    "INVALID_PARAMETER_VALUE",
+    "RESOURCE_ALREADY_EXISTS",
+    "RESOURCE_DOES_NOT_EXIST",
+    "BAD_REQUEST",
+    "INVALID_STATE",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+}
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -63,6 +70,7 @@ def config_params(cfg: TrainConfig) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------- the tracker
+
 
 @dataclass
 class _Op:
@@ -88,8 +96,7 @@ class RunTracker:
 
     # ---- opening
     @classmethod
-    def open(cls, cfg: TrainConfig, run_id: str | None = None,
-             history: Iterable[dict[str, Any]] = ()) -> RunTracker:
+    def open(cls, cfg: TrainConfig, run_id: str | None = None, history: Iterable[dict[str, Any]] = ()) -> RunTracker:
         """Find or create the run (checkpoint run id > run_key tag > new), log params, backfill history."""
         uri = cfg.tracking_uri or ""
         exp_id = ensure_experiment(uri, cfg.experiment or default_experiment(cfg.dataset))
@@ -106,8 +113,9 @@ class RunTracker:
                         raise
                     run = None
             if run is None and cfg.run_key:
-                found = client.search_runs([exp_id], filter_string=f"tags.`{T.TAG_RUN_KEY}` = '{cfg.run_key}'",
-                                           max_results=1)
+                found = client.search_runs(
+                    [exp_id], filter_string=f"tags.`{T.TAG_RUN_KEY}` = '{cfg.run_key}'", max_results=1
+                )
                 run = found[0] if found else None
             if run is None:
                 tags = {T.TAG_RUN_KEY: cfg.run_key or "", T.TAG_DATASET: cfg.dataset, T.TAG_PRESET: str(cfg.preset)}
@@ -116,8 +124,13 @@ class RunTracker:
                     tags[T.TAG_PARENT_RUN] = cfg.parent_run_id
                 name = cfg.run_name or f"{cfg.dataset}-{cfg.preset}-{(cfg.run_key or '')[:8]}".rstrip("-")
                 run = client.create_run(exp_id, run_name=name, tags=tags)
-                log.info("MLflow run %s (%s) in experiment %s at %s", run.info.run_id, name, cfg.experiment,
-                         strip_credentials(uri))
+                log.info(
+                    "MLflow run %s (%s) in experiment %s at %s",
+                    run.info.run_id,
+                    name,
+                    cfg.experiment,
+                    strip_credentials(uri),
+                )
             else:
                 if run.info.status != "RUNNING":
                     client.update_run(run.info.run_id, status="RUNNING")
@@ -137,8 +150,10 @@ class RunTracker:
         except TrackingUnavailable:
             raise
         except Exception as exc:
-            raise TrackingUnavailable(f"MLflow tracking store {strip_credentials(uri)} failed while opening the "
-                                      f"run: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+            raise TrackingUnavailable(
+                f"MLflow tracking store {strip_credentials(uri)} failed while opening the "
+                f"run: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            ) from exc
         self.backfill(history)
         return self
 
@@ -151,7 +166,7 @@ class RunTracker:
         changed = {k: v for k, v in params.items() if k in existing and existing[k] != v}
         items = [Param(k, v) for k, v in new.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
         for k, v in changed.items():  # MLflow params are immutable: record the new value as a tag
             self.client.set_tag(self.run_id, T.TAG_PARAM_CHANGED + k, v[:5000])
 
@@ -190,7 +205,7 @@ class RunTracker:
             while self._metrics:
                 chunk = self._metrics[:1000]
                 self._call(lambda: self.client.log_batch(self.run_id, metrics=chunk), "metrics")
-                del self._metrics[:len(chunk)]
+                del self._metrics[: len(chunk)]
             while self._ops:
                 op = self._ops[0]
                 self._call(op.fn, op.desc)
@@ -198,8 +213,11 @@ class RunTracker:
         except _Deferred:
             return False
         if self._outage_since is not None:
-            log.warning("MLflow at %s reachable again after %.0f s; buffered data sent",
-                        strip_credentials(self.uri), time.monotonic() - self._outage_since)
+            log.warning(
+                "MLflow at %s reachable again after %.0f s; buffered data sent",
+                strip_credentials(self.uri),
+                time.monotonic() - self._outage_since,
+            )
         self._failures, self._next_try, self._outage_since = 0, 0.0, None
         return True
 
@@ -215,9 +233,12 @@ class RunTracker:
             self._next_try = time.monotonic() + delay
             if self._outage_since is None:
                 self._outage_since = time.monotonic()
-                log.warning("MLflow at %s failed (%s: %s); training continues, buffering and retrying with "
-                            "back-off", strip_credentials(self.uri), type(exc).__name__,
-                            str(exc).splitlines()[0][:200])
+                log.warning(
+                    "MLflow at %s failed (%s: %s); training continues, buffering and retrying with back-off",
+                    strip_credentials(self.uri),
+                    type(exc).__name__,
+                    str(exc).splitlines()[0][:200],
+                )
             raise _Deferred() from exc
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -251,8 +272,7 @@ class RunTracker:
             self.pump()
         return n
 
-    def log_best_epoch(self, epoch: int, vis: tuple[Any, Any, Any] | None, val: dict[str, Any],
-                       n_input: int) -> None:
+    def log_best_epoch(self, epoch: int, vis: tuple[Any, Any, Any] | None, val: dict[str, Any], n_input: int) -> None:
         """New best validation epoch: refresh the forecast pictures and the lead-time curves."""
         d = self._staging / f"best_{epoch:04d}"
         d.mkdir(parents=True, exist_ok=True)
@@ -261,35 +281,53 @@ class RunTracker:
             try:
                 visualize.save_strip(*vis, d / visualize.STRIP_FILE, title=title)
                 visualize.save_gif(*vis, d / visualize.GIF_FILE)
-                self._submit(_Op("forecast images", lambda d=d: self._log_dir_files(
-                    d, [visualize.STRIP_FILE, visualize.GIF_FILE], "forecasts"), key="images"))
+                self._submit(
+                    _Op(
+                        "forecast images",
+                        lambda d=d: self._log_dir_files(d, [visualize.STRIP_FILE, visualize.GIF_FILE], "forecasts"),
+                        key="images",
+                    )
+                )
             except Exception as exc:  # a picture must never stop training
                 log.warning("could not draw forecast images: %s", exc)
         per_lead = {k: v for k, v in val.items() if isinstance(v, list)}
         if per_lead:
             try:
-                visualize.save_lead_time_plot(_lead_panels(per_lead), d / visualize.LEAD_FILE,
-                                              title=f"validation, {title}")
+                visualize.save_lead_time_plot(
+                    _lead_panels(per_lead), d / visualize.LEAD_FILE, title=f"validation, {title}"
+                )
                 (d / "val_lead_time_metrics.json").write_text(json.dumps({"epoch": epoch, **per_lead}, indent=1))
-                self._submit(_Op("lead-time metrics", lambda d=d: self._log_dir_files(
-                    d, [visualize.LEAD_FILE, "val_lead_time_metrics.json"], "metrics"), key="lead"))
+                self._submit(
+                    _Op(
+                        "lead-time metrics",
+                        lambda d=d: self._log_dir_files(
+                            d, [visualize.LEAD_FILE, "val_lead_time_metrics.json"], "metrics"
+                        ),
+                        key="lead",
+                    )
+                )
             except Exception as exc:
                 log.warning("could not draw the lead-time plot: %s", exc)
-        self._submit(_Op("best-epoch tags", lambda: self.client.set_tag(self.run_id, T.TAG_BEST_EPOCH, str(epoch)),
-                         key="best_tag"))
+        self._submit(
+            _Op(
+                "best-epoch tags",
+                lambda: self.client.set_tag(self.run_id, T.TAG_BEST_EPOCH, str(epoch)),
+                key="best_tag",
+            )
+        )
         self.pump()
 
     def log_test(self, test: dict[str, Any], epoch: int) -> None:
         per_lead = {k: v for k, v in test.items() if isinstance(v, list)}
         d = self._staging / "test"
         d.mkdir(parents=True, exist_ok=True)
-        (d / "test_metrics.json").write_text(json.dumps({"scored_after_epoch": epoch, **test}, indent=1,
-                                                        default=str))
+        (d / "test_metrics.json").write_text(json.dumps({"scored_after_epoch": epoch, **test}, indent=1, default=str))
         files = ["test_metrics.json"]
         if per_lead:
             try:
-                visualize.save_lead_time_plot(_lead_panels(per_lead), d / "test_lead_time_metrics.png",
-                                              title="test (best weights)")
+                visualize.save_lead_time_plot(
+                    _lead_panels(per_lead), d / "test_lead_time_metrics.png", title="test (best weights)"
+                )
                 files.append("test_lead_time_metrics.png")
             except Exception as exc:
                 log.warning("could not draw the test lead-time plot: %s", exc)
@@ -314,14 +352,23 @@ class RunTracker:
             pass
         k = min(2, len(val_ds))
         example = np.stack([np.asarray(val_ds[i % len(val_ds)][0]) for i in range(max(2, k))]).astype(np.float32)
-        meta = model_meta(model_cfg, {"name": self.cfg.dataset, "in_frames": spec.in_frames,
-                                      "out_frames": spec.out_frames, "channels": spec.channels,
-                                      "height": spec.height, "width": spec.width},
-                          {"run_id": self.run_id, "train": {k2: v for k2, v in config_params(self.cfg).items()}})
+        meta = model_meta(
+            model_cfg,
+            {
+                "name": self.cfg.dataset,
+                "in_frames": spec.in_frames,
+                "out_frames": spec.out_frames,
+                "channels": spec.channels,
+                "height": spec.height,
+                "width": spec.width,
+            },
+            {"run_id": self.run_id, "train": {k2: v for k2, v in config_params(self.cfg).items()}},
+        )
 
         def do() -> str:
-            model_uri, fmt = log_forecaster_in_run(self.uri, self.run_id, best_state, meta, example,
-                                                   fmt=self.cfg.model_format, name=T.MODEL_ARTIFACT_PATH)
+            model_uri, fmt = log_forecaster_in_run(
+                self.uri, self.run_id, best_state, meta, example, fmt=self.cfg.model_format, name=T.MODEL_ARTIFACT_PATH
+            )
             self.client.set_tag(self.run_id, T.TAG_MODEL_URI, model_uri)
             self.client.set_tag(self.run_id, T.TAG_MODEL_FORMAT, fmt)
             return model_uri
@@ -335,8 +382,11 @@ class RunTracker:
                 return uri
             except Exception as exc:
                 if not _retryable(exc) or time.monotonic() > deadline:
-                    log.warning("could not log the model to MLflow (%s: %s); it stays in the checkpoint",
-                                type(exc).__name__, str(exc).splitlines()[0][:300])
+                    log.warning(
+                        "could not log the model to MLflow (%s: %s); it stays in the checkpoint",
+                        type(exc).__name__,
+                        str(exc).splitlines()[0][:300],
+                    )
                     return None
                 time.sleep(2.0)
 
@@ -357,12 +407,23 @@ class RunTracker:
             shutil.rmtree(self._staging, ignore_errors=True)
         else:
             unsent = self._staging / "unsent_metrics.json"
-            unsent.write_text(json.dumps([{"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp}
-                                          for m in self._metrics], indent=1))
-            log.warning("MLflow at %s still unreachable: run %s left unfinished; %d metric values and %d "
-                        "operations (%s) not sent; the metrics are saved in %s (the checkpoint's history has "
-                        "them too and a resumed run backfills them)", strip_credentials(self.uri), self.run_id,
-                        len(self._metrics), len(self._ops), ", ".join(o.desc for o in self._ops), unsent)
+            unsent.write_text(
+                json.dumps(
+                    [{"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp} for m in self._metrics],
+                    indent=1,
+                )
+            )
+            log.warning(
+                "MLflow at %s still unreachable: run %s left unfinished; %d metric values and %d "
+                "operations (%s) not sent; the metrics are saved in %s (the checkpoint's history has "
+                "them too and a resumed run backfills them)",
+                strip_credentials(self.uri),
+                self.run_id,
+                len(self._metrics),
+                len(self._ops),
+                ", ".join(o.desc for o in self._ops),
+                unsent,
+            )
         self.closed = True
 
 

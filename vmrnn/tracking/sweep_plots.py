@@ -37,8 +37,10 @@ def log_optuna_plots(client: Any, run_id: str, rows: list[TrialRow], space: dict
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optuna's ExperimentalWarning for the matplotlib backend
-        plots = {"optimization_history": lambda: ovm.plot_optimization_history(study),
-                 "param_importances": lambda: ovm.plot_param_importances(study)}
+        plots = {
+            "optimization_history": lambda: ovm.plot_optimization_history(study),
+            "param_importances": lambda: ovm.plot_param_importances(study),
+        }
         for name, make in plots.items():
             if not complete:
                 out[name] = "skipped: no completed trial"
@@ -46,8 +48,10 @@ def log_optuna_plots(client: Any, run_id: str, rows: list[TrialRow], space: dict
             if name == "param_importances":
                 varying = [k for k in space if len({repr(t.params.get(k)) for t in complete}) > 1]
                 if len(complete) < 2 or not varying:
-                    out[name] = ("skipped: parameter importance needs at least 2 completed trials "
-                                 f"with different parameters (have {len(complete)})")
+                    out[name] = (
+                        "skipped: parameter importance needs at least 2 completed trials "
+                        f"with different parameters (have {len(complete)})"
+                    )
                     continue
             try:
                 ax = make()
@@ -89,11 +93,16 @@ def study_from_rows(rows: list[TrialRow], space: dict[str, Any]):
         last = finite_float(row.last.get(D.METRIC))
         state = optuna.trial.TrialState.COMPLETE if last is not None else optuna.trial.TrialState.FAIL
         try:
-            study.add_trial(optuna.trial.create_trial(
-                state=state, value=last if state == optuna.trial.TrialState.COMPLETE else None,
-                params=params, distributions={k: distributions[k] for k in params},
-                intermediate_values={int(e): float(v) for e, v in row.history if finite_float(v) is not None},
-                user_attrs={"trial_id": row.trial_id, "status": row.status}))
+            study.add_trial(
+                optuna.trial.create_trial(
+                    state=state,
+                    value=last if state == optuna.trial.TrialState.COMPLETE else None,
+                    params=params,
+                    distributions={k: distributions[k] for k in params},
+                    intermediate_values={int(e): float(v) for e, v in row.history if finite_float(v) is not None},
+                    user_attrs={"trial_id": row.trial_id, "status": row.status},
+                )
+            )
         except ValueError as exc:  # a value outside its distribution: leave the trial out of the plots
             log.warning("trial %s left out of the Optuna plots: %s", row.trial_id, exc)
     return study

@@ -49,10 +49,15 @@ class TrialRow:
     model_uri: str | None = None  # set when the training layer logged the trial's best model
 
     def to_record(self) -> dict[str, Any]:
-        rec: dict[str, Any] = {"trial_id": self.trial_id, "status": self.status,
-                               "mlflow_run_id": self.mlflow_run_id, "model_uri": self.model_uri,
-                               "epochs_done": self.epochs_done,
-                               "best_val_mse": self.best_val_mse, "best_epoch": self.best_epoch}
+        rec: dict[str, Any] = {
+            "trial_id": self.trial_id,
+            "status": self.status,
+            "mlflow_run_id": self.mlflow_run_id,
+            "model_uri": self.model_uri,
+            "epochs_done": self.epochs_done,
+            "best_val_mse": self.best_val_mse,
+            "best_epoch": self.best_epoch,
+        }
         for key in D.REPORTED_METRICS:
             rec[f"last_{key}"] = finite_float(self.last.get(key))
         for key, value in sorted(self.params.items()):
@@ -81,12 +86,18 @@ class SweepTracker:
     def find_parent(self, sweep: str):
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{T.TAG_SWEEP}` = {_quote(sweep)} AND tags.`{T.TAG_ROLE}` = "
-                          f"{_quote(T.ROLE_SWEEP)}",
-            order_by=["attributes.start_time ASC"], max_results=10)
+            filter_string=f"tags.`{T.TAG_SWEEP}` = {_quote(sweep)} AND tags.`{T.TAG_ROLE}` = {_quote(T.ROLE_SWEEP)}",
+            order_by=["attributes.start_time ASC"],
+            max_results=10,
+        )
         if len(runs) > 1:
-            log.warning("%d parent runs are tagged %s=%s; using the oldest, %s", len(runs), T.TAG_SWEEP,
-                        sweep, runs[0].info.run_id)
+            log.warning(
+                "%d parent runs are tagged %s=%s; using the oldest, %s",
+                len(runs),
+                T.TAG_SWEEP,
+                sweep,
+                runs[0].info.run_id,
+            )
         return runs[0] if runs else None
 
     def get_or_create_parent(self, sweep: str, tags: dict[str, str]) -> tuple[str, bool]:
@@ -108,11 +119,14 @@ class SweepTracker:
         from mlflow.entities import Param
 
         existing = self.stored_params(run_id)
-        conflicts = {k: (existing[k], str(v)) for k, v in params.items()
-                     if k in existing and existing[k] != str(v)[:T.MAX_PARAM_LEN]}
-        new = [Param(k, str(v)[:T.MAX_PARAM_LEN]) for k, v in params.items() if k not in existing]
+        conflicts = {
+            k: (existing[k], str(v))
+            for k, v in params.items()
+            if k in existing and existing[k] != str(v)[: T.MAX_PARAM_LEN]
+        }
+        new = [Param(k, str(v)[: T.MAX_PARAM_LEN]) for k, v in params.items() if k not in existing]
         for i in range(0, len(new), 100):
-            self.client.log_batch(run_id, params=new[i:i + 100])
+            self.client.log_batch(run_id, params=new[i : i + 100])
         return conflicts
 
     def log_json(self, run_id: str, obj: Any, artifact_file: str) -> None:
@@ -127,25 +141,43 @@ class SweepTracker:
         runs = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{T.TAG_RUN_KEY}` = {_quote(run_key(sweep, trial_id))}",
-            order_by=["attributes.start_time ASC"], max_results=5)
+            order_by=["attributes.start_time ASC"],
+            max_results=5,
+        )
         return runs[0] if runs else None
 
     def trial_runs(self, parent_run_id: str) -> list:
         return self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{T.TAG_PARENT_RUN}` = {_quote(parent_run_id)}",
-            max_results=5000)
+            [self.experiment_id], filter_string=f"tags.`{T.TAG_PARENT_RUN}` = {_quote(parent_run_id)}", max_results=5000
+        )
 
-    def mark_trial(self, *, sweep: str, trial_id: str, status: str, parent_run_id: str,
-                   error: str | None = None, params: dict[str, Any] | None = None) -> str | None:
+    def mark_trial(
+        self,
+        *,
+        sweep: str,
+        trial_id: str,
+        status: str,
+        parent_run_id: str,
+        error: str | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> str | None:
         """Give a trial's run its final status (idempotent). A trial that failed before the training
         layer opened its run gets a run here, so that every trial shows up under the parent."""
         run = self.find_trial_run(sweep, trial_id)
         if run is None:
             if status != D.TRIAL_FAILED:
                 return None
-            run = self.client.create_run(self.experiment_id, run_name=f"{sweep}-{trial_id}", tags={
-                T.TAG_PARENT_RUN: parent_run_id, T.TAG_RUN_KEY: run_key(sweep, trial_id),
-                T.TAG_SWEEP: sweep, T.TAG_ROLE: T.ROLE_TRIAL, T.TAG_TRIAL_ID: trial_id})
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"{sweep}-{trial_id}",
+                tags={
+                    T.TAG_PARENT_RUN: parent_run_id,
+                    T.TAG_RUN_KEY: run_key(sweep, trial_id),
+                    T.TAG_SWEEP: sweep,
+                    T.TAG_ROLE: T.ROLE_TRIAL,
+                    T.TAG_TRIAL_ID: trial_id,
+                },
+            )
             if params:
                 self.log_params_once(run.info.run_id, {k: v for k, v in params.items()})
         run_id = run.info.run_id

@@ -40,12 +40,12 @@ def default_tracking_uri() -> str:
 def absolute_tracking_uri(uri: str) -> str:
     """Make a local store URI absolute (sqlite:///rel.db, file:rel, or a bare path)."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        rel = uri[len("sqlite:///"):]
+        rel = uri[len("sqlite:///") :]
         if rel and not rel.startswith(":memory:"):
             return f"sqlite:///{Path(rel).expanduser().resolve()}"
         return uri
     if uri.startswith("file:"):
-        path = uri[len("file:"):]
+        path = uri[len("file:") :]
         while path.startswith("//"):
             path = path[1:]
         return Path(path).expanduser().resolve().as_uri()
@@ -58,7 +58,7 @@ def sqlite_path(uri: str) -> Path | None:
     """The database file of a sqlite:/// store (None for other stores and for an in-memory database)."""
     if not uri.startswith("sqlite:///"):
         return None
-    path = uri[len("sqlite:///"):]
+    path = uri[len("sqlite:///") :]
     if not path or path.startswith(":memory:"):
         return None
     return Path(path)
@@ -111,9 +111,10 @@ def check_reachable(uri: str, timeout: float = 5.0, hint: str = TRAIN_HINT) -> N
             reason = getattr(exc, "reason", exc)
             raise TrackingUnavailable(
                 f"MLflow tracking server {strip_credentials(uri)} is unreachable ({reason}); start it, or point "
-                f"--tracking-uri / MLFLOW_TRACKING_URI at a running server{hint}") from None
+                f"--tracking-uri / MLFLOW_TRACKING_URI at a running server{hint}"
+            ) from None
     elif uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+        db = Path(uri[len("sqlite:///") :])
         if not db.parent.is_dir():
             raise TrackingUnavailable(f"MLflow tracking store {uri}: folder {db.parent} does not exist")
     elif "://" in uri:
@@ -121,7 +122,8 @@ def check_reachable(uri: str, timeout: float = 5.0, hint: str = TRAIN_HINT) -> N
         if scheme not in _OTHER_SCHEMES and scheme.split("+")[0] not in _DB_SCHEMES:
             raise TrackingUnavailable(
                 f"MLflow tracking URI {strip_credentials(uri)} has an unknown scheme {scheme!r}: use "
-                "http(s)://HOST:PORT (a tracking server), sqlite:///PATH/mlflow.db, file:///PATH or a folder")
+                "http(s)://HOST:PORT (a tracking server), sqlite:///PATH/mlflow.db, file:///PATH or a folder"
+            )
 
 
 def client(uri: str) -> Any:

@@ -47,16 +47,19 @@ def load_tensors(path: str | os.PathLike, map_location: str | torch.device = "cp
         text = str(exc)
         unsafe = re.search(r"(unsupported GLOBAL [^\n]*?)(?: whose module| because|\.\s|\n|$)", text)
         if unsafe:
-            why = (f"it holds pickled Python objects ({unsafe.group(1).strip()}), not only tensors; "
-                   "refused: loading it would run code")
+            why = (
+                f"it holds pickled Python objects ({unsafe.group(1).strip()}), not only tensors; "
+                "refused: loading it would run code"
+            )
         else:
             lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
             why = f"not a readable torch file ({type(exc).__name__}: {lines[0][:200] if lines else ''})"
         raise CheckpointError(f"cannot read checkpoint file {path}: {why}") from None
 
 
-def write_checkpoint(directory: str | os.PathLike, state: dict[str, Any], best_model: dict[str, Any] | None,
-                     meta: dict[str, Any]) -> Path:
+def write_checkpoint(
+    directory: str | os.PathLike, state: dict[str, Any], best_model: dict[str, Any] | None, meta: dict[str, Any]
+) -> Path:
     """Write the checkpoint files into `directory` (created)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -74,8 +77,14 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
-def save_epoch_checkpoint(root: str | os.PathLike, epoch: int, state: dict[str, Any],
-                          best_model: dict[str, Any] | None, meta: dict[str, Any], keep: int = 2) -> Path:
+def save_epoch_checkpoint(
+    root: str | os.PathLike,
+    epoch: int,
+    state: dict[str, Any],
+    best_model: dict[str, Any] | None,
+    meta: dict[str, Any],
+    keep: int = 2,
+) -> Path:
     """Atomically write `<root>/epoch_NNNN` (temp dir + rename), then prune all but the newest `keep`."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -109,12 +118,16 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     if dirs:
         return dirs[-1][1]
     # A Ray Train run folder: checkpoint_<date>/ subfolders
-    ray_dirs = sorted((c for c in p.glob("checkpoint_*") if (c / STATE_FILE).exists()),
-                      key=lambda c: c.stat().st_mtime) if p.is_dir() else []
+    ray_dirs = (
+        sorted((c for c in p.glob("checkpoint_*") if (c / STATE_FILE).exists()), key=lambda c: c.stat().st_mtime)
+        if p.is_dir()
+        else []
+    )
     if ray_dirs:
         return ray_dirs[-1]
-    raise CheckpointError(f"no vmrnn checkpoint at {p} (expected {STATE_FILE}, epoch_NNNN/ or checkpoint_*/ "
-                          "folders from a training run)")
+    raise CheckpointError(
+        f"no vmrnn checkpoint at {p} (expected {STATE_FILE}, epoch_NNNN/ or checkpoint_*/ folders from a training run)"
+    )
 
 
 def latest_checkpoint(root: str | os.PathLike | None) -> Path | None:

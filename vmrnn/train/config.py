@@ -36,7 +36,7 @@ from vmrnn.train.execution import (
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adam", "adamw"),
     "schedule": ("cosine", "cosine_step", "constant"),
-    "precision": ("fp32", "bf16"),                  # None too: the mode's
+    "precision": ("fp32", "bf16"),  # None too: the mode's
     "loss_target": ("all", "future"),
     "loss_kind": ("mse", "mse+l1"),
     "metrics_mode": ("standard", "paper"),
@@ -57,54 +57,54 @@ class TrainConfig:
     data_dir: str = ""
     data_options: dict[str, Any] = field(default_factory=dict)  # extra kwargs for vmrnn.data.build_dataset
     # --- model ---
-    preset: str | None = None                       # default: the dataset's preset (vmrnn.data.DATASETS)
+    preset: str | None = None  # default: the dataset's preset (vmrnn.data.DATASETS)
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. {"depth": 4}
-    scan_backend: str | None = None                 # reference SS2D: auto|torch|cuda; fused: auto|torch|triton
+    scan_backend: str | None = None  # reference SS2D: auto|torch|cuda; fused: auto|torch|triton
     # --- optimisation (None: the dataset's recipe, DatasetSpec.recipe) ---
     epochs: int | None = None
-    batch_size: int | None = None                   # per worker
-    val_batch_size: int | None = None               # default: batch_size
+    batch_size: int | None = None  # per worker
+    val_batch_size: int | None = None  # default: batch_size
     lr: float | None = None
     optimizer: str = "adam"
     weight_decay: float = 0.0
-    schedule: str = "cosine"                        # cosine (per epoch, the paper's), cosine_step, constant
+    schedule: str = "cosine"  # cosine (per epoch, the paper's), cosine_step, constant
     warmup_epochs: int = 5
     warmup_lr: float = 1e-5
     min_lr: float = 1e-6
     grad_clip: float | None = None
     # `execution` names a mode of vmrnn.train.execution.MODES; precision, checkpoint_steps, fused, cuda_graphs,
     # compile and scan_backend override single fields of it (None: the mode's value)
-    precision: str | None = None                    # fp32 | bf16 (bf16 autocast on GPU only)
-    checkpoint_steps: bool | None = None            # activation checkpointing per rollout step
-    execution: str = DEFAULT_MODE                   # reference, fast, bf16-graphs, ... (GPU-only parts off on CPU)
-    fused: bool | None = None                       # fused SS2D layout (vmrnn.ops.ss2d_scan)
-    cuda_graphs: bool | None = None                 # the whole step in a CUDA graph (GPU, one worker)
-    compile: bool | None = None                     # torch.compile every SS2D
+    precision: str | None = None  # fp32 | bf16 (bf16 autocast on GPU only)
+    checkpoint_steps: bool | None = None  # activation checkpointing per rollout step
+    execution: str = DEFAULT_MODE  # reference, fast, bf16-graphs, ... (GPU-only parts off on CPU)
+    fused: bool | None = None  # fused SS2D layout (vmrnn.ops.ss2d_scan)
+    cuda_graphs: bool | None = None  # the whole step in a CUDA graph (GPU, one worker)
+    compile: bool | None = None  # torch.compile every SS2D
     loss_target: str = "all"
     loss_kind: str = "mse"
     seed: int = 42
     # --- execution ---
-    device: str = "auto"                            # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_loader_workers: int = 0
-    max_train_batches: int | None = None            # per worker and epoch, for smoke runs
-    max_val_batches: int | None = None              # per worker
-    max_test_batches: int | None = None             # per worker
+    max_train_batches: int | None = None  # per worker and epoch, for smoke runs
+    max_val_batches: int | None = None  # per worker
+    max_test_batches: int | None = None  # per worker
     metrics_mode: str = "standard"
-    test_at_end: bool = True                        # score the best (by val_mse) weights on the test split
-    checkpoint_dir: str | None = None               # plain (no-Ray) runs: where epoch checkpoints go
+    test_at_end: bool = True  # score the best (by val_mse) weights on the test split
+    checkpoint_dir: str | None = None  # plain (no-Ray) runs: where epoch checkpoints go
     keep_checkpoints: int = 2
     # --- tracking (MLflow, rank 0) ---
     tracking: bool = True
-    tracking_uri: str | None = None                 # default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
-    experiment: str | None = None                   # default: vmrnn-<dataset>
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment: str | None = None  # default: vmrnn-<dataset>
     run_name: str | None = None
     parent_run_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
-    run_key: str | None = None                      # continue the run tagged vmrnn.run_key == this
+    run_key: str | None = None  # continue the run tagged vmrnn.run_key == this
     log_images: bool = True
     n_vis_samples: int = 4
     log_model: bool = True
-    model_format: str = "pt2"                       # how mlflow.pytorch.log_model serialises the model
+    model_format: str = "pt2"  # how mlflow.pytorch.log_model serialises the model
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -150,8 +150,14 @@ class TrainConfig:
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices and not (name in OVERRIDES and getattr(self, name) is None):
                 raise bad(name, f"must be one of {list(choices)}")
-        for name in ("epochs", "batch_size", "val_batch_size", "max_train_batches", "max_val_batches",
-                     "max_test_batches"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "val_batch_size",
+            "max_train_batches",
+            "max_val_batches",
+            "max_test_batches",
+        ):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise bad(name, "must be >= 1")
@@ -190,8 +196,9 @@ class TrainConfig:
         """
         from vmrnn.models import PRESETS, model_config
 
-        c = dataclasses.replace(self, model=dict(self.model), tags=dict(self.tags),
-                                data_options=dict(self.data_options))
+        c = dataclasses.replace(
+            self, model=dict(self.model), tags=dict(self.tags), data_options=dict(self.data_options)
+        )
         c.validate()
         if not is_remote(c.data_dir):  # an object-store URI stays as it is (cached per node by vmrnn.data)
             c.data_dir = str(Path(c.data_dir).expanduser().resolve())
@@ -230,7 +237,8 @@ class TrainConfig:
                 f"training option 'preset' {c.preset!r} (with 'model' overrides {c.model}) builds a model for "
                 f"{mc.in_chans}x{mc.img_size}x{mc.img_size} frames, but {c.dataset} frames are "
                 f"{spec.channels}x{spec.height}x{spec.width}; choose a matching preset or override "
-                "model.in_chans / model.img_size")
+                "model.in_chans / model.img_size"
+            )
         return c
 
     def with_run_key(self) -> TrainConfig:
@@ -247,8 +255,9 @@ class TrainConfig:
         """The ExecutionConfig that runs on this device: the mode, the overrides, GPU-only parts dropped off
         CUDA (`vmrnn.train.execution.resolve_execution`)."""
         try:
-            return resolve_execution(self.execution, self.execution_overrides(), device_type=device_type,
-                                     world_size=world_size)
+            return resolve_execution(
+                self.execution, self.execution_overrides(), device_type=device_type, world_size=world_size
+            )
         except ExecutionError as exc:
             raise TrainConfigError(f"training option '{exc.option}' {exc.detail}") from None
 
@@ -273,6 +282,7 @@ def _custom_patch(height: int, width: int) -> int:
 
 
 # ---------------------------------------------------------------------- type coercion and --set parsing
+
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     origin = get_origin(hint)
@@ -357,7 +367,9 @@ def apply_overrides(d: dict[str, Any], items: list[str] | None) -> dict[str, Any
             out[head][sub] = str(value) if head == "tags" else value
         else:
             if key not in TrainConfig.field_names():
-                raise TrainConfigError(f"--set {key}: unknown training option; known: {sorted(TrainConfig.field_names())}")
+                raise TrainConfigError(
+                    f"--set {key}: unknown training option; known: {sorted(TrainConfig.field_names())}"
+                )
             out[key] = value
     return out
 

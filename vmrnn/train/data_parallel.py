@@ -42,7 +42,7 @@ class GradientAllReduce:
             offset = 0
             for p in group_params:
                 n = p.numel()
-                p.grad = flat[offset:offset + n].view_as(p)
+                p.grad = flat[offset : offset + n].view_as(p)
                 offset += n
             self.buffers.append(flat)
 

@@ -102,6 +102,7 @@ def init_from_env(timeout_s: float = 1800) -> bool:
 
 # ---------------------------------------------------------------------- seeding
 
+
 def derive_seed(seed: int, *parts: int) -> int:
     """A 31-bit seed mixed from the base seed and e.g. (epoch, rank): distinct streams, reproducible."""
     rng = np.random.SeedSequence([int(seed), *[int(p) for p in parts]])
@@ -117,9 +118,11 @@ def seed_everything(seed: int) -> None:
 def rng_state() -> dict[str, Any]:
     """RNG states in types that `torch.load(weights_only=True)` accepts (no numpy arrays)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(),
-             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -139,6 +142,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- samplers
+
 
 class ShardSampler(Sampler[int]):
     """Evaluation sharding without padding: rank r takes indices r, r+W, r+2W, ...
@@ -164,6 +168,7 @@ class ShardSampler(Sampler[int]):
 
 
 # ---------------------------------------------------------------------- reductions
+
 
 def all_reduce_sum(values: list[float] | torch.Tensor, env: DistEnv) -> torch.Tensor:
     """Sum a vector over ranks (float64 on CPU, for gloo and exactness); a no-op on one process."""

@@ -61,8 +61,11 @@ class ExecutionConfig:
         allowed = FUSED_BACKENDS if self.fused else REFERENCE_BACKENDS
         if self.scan_backend not in allowed:
             layout = "fused" if self.fused else "reference"
-            raise ExecutionError("scan_backend", f"{self.scan_backend!r} does not exist for the {layout} SS2D "
-                                                 f"layout (fused={self.fused}); choose one of {list(allowed)}")
+            raise ExecutionError(
+                "scan_backend",
+                f"{self.scan_backend!r} does not exist for the {layout} SS2D "
+                f"layout (fused={self.fused}); choose one of {list(allowed)}",
+            )
 
     @classmethod
     def reference(cls) -> ExecutionConfig:
@@ -111,8 +114,9 @@ MODES: dict[str, ExecutionConfig] = {
 DEFAULT_MODE = "fast"
 
 
-def resolve_execution(mode: str, overrides: Mapping[str, Any] | None = None, *, device_type: str,
-                      world_size: int = 1) -> ExecutionConfig:
+def resolve_execution(
+    mode: str, overrides: Mapping[str, Any] | None = None, *, device_type: str, world_size: int = 1
+) -> ExecutionConfig:
     """The ExecutionConfig that runs: `MODES[mode]` with the non-None `overrides`, for this device.
 
     On a device other than CUDA the GPU-only parts are dropped: fp32, the reference layout, no CUDA
@@ -131,8 +135,9 @@ def resolve_execution(mode: str, overrides: Mapping[str, Any] | None = None, *, 
         cfg = MODES[mode].replace(**given)
     except ExecutionError as exc:
         set_ = ", ".join(f"{k}={v!r}" for k, v in given.items())
-        raise ExecutionError(exc.option, f"{exc.detail} (execution mode {mode!r}"
-                                         f"{' with ' + set_ if set_ else ''})") from None
+        raise ExecutionError(
+            exc.option, f"{exc.detail} (execution mode {mode!r}{' with ' + set_ if set_ else ''})"
+        ) from None
     if device_type != "cuda":
         backend = "torch" if cfg.scan_backend == "torch" else "auto"
         cfg = ExecutionConfig(precision="fp32", checkpoint_steps=cfg.checkpoint_steps, scan_backend=backend)
@@ -141,8 +146,7 @@ def resolve_execution(mode: str, overrides: Mapping[str, Any] | None = None, *, 
     return cfg
 
 
-def resolution_line(mode: str, overrides: Mapping[str, Any] | None = None, *, device: str,
-                    world_size: int = 1) -> str:
+def resolution_line(mode: str, overrides: Mapping[str, Any] | None = None, *, device: str, world_size: int = 1) -> str:
     """One line for the start of a run: "fast -> bf16+fused+graphs on cuda:0", "fast -> fp32 on cpu
     (GPU-only parts off)"."""
     asked = resolve_execution(mode, overrides, device_type="cuda")
@@ -153,5 +157,13 @@ def resolution_line(mode: str, overrides: Mapping[str, Any] | None = None, *, de
     return f"{mode} -> {ran.describe()} on {device}{note}"
 
 
-__all__ = ["DEFAULT_MODE", "MODES", "OVERRIDES", "ExecutionConfig", "ExecutionError", "Precision",
-           "resolution_line", "resolve_execution"]
+__all__ = [
+    "DEFAULT_MODE",
+    "MODES",
+    "OVERRIDES",
+    "ExecutionConfig",
+    "ExecutionError",
+    "Precision",
+    "resolution_line",
+    "resolve_execution",
+]

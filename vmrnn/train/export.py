@@ -34,8 +34,14 @@ class Forecaster(nn.Module):
         return self.model.predict(inputs, self.n_future)
 
 
-def build_forecaster(state: dict[str, Tensor], model_cfg: dict[str, Any], n_input: int, n_future: int,
-                     device: str | torch.device = "cpu", scan_backend: str = "auto") -> Forecaster:
+def build_forecaster(
+    state: dict[str, Tensor],
+    model_cfg: dict[str, Any],
+    n_input: int,
+    n_future: int,
+    device: str | torch.device = "cpu",
+    scan_backend: str = "auto",
+) -> Forecaster:
     model = build_model(ModelConfig(**model_cfg))
     model.load_state_dict(state)
     set_scan_backend(model, scan_backend)
@@ -43,15 +49,21 @@ def build_forecaster(state: dict[str, Tensor], model_cfg: dict[str, Any], n_inpu
 
 
 def model_meta(model_cfg: dict[str, Any], dataset: dict[str, Any], extra: dict[str, Any] | None = None) -> dict:
-    return {"format": "vmrnn-forecaster/1", "model": model_cfg, "dataset": dataset,
-            "n_input": dataset["in_frames"], "n_future": dataset["out_frames"], **(extra or {})}
+    return {
+        "format": "vmrnn-forecaster/1",
+        "model": model_cfg,
+        "dataset": dataset,
+        "n_input": dataset["in_frames"],
+        "n_future": dataset["out_frames"],
+        **(extra or {}),
+    }
 
 
 @dataclass
 class LoadedForecaster:
     """A model ready to predict; `model` is the eager VMRNN when its weights are available."""
 
-    module: nn.Module           # Forecaster, or the MLflow-loaded module (pt2 GraphModule / pickled)
+    module: nn.Module  # Forecaster, or the MLflow-loaded module (pt2 GraphModule / pickled)
     n_input: int
     n_future: int
     meta: dict[str, Any]
@@ -74,16 +86,19 @@ class LoadedForecaster:
         ds = self.meta.get("dataset", {})
         want = (ds.get("channels"), ds.get("height"), ds.get("width"))
         if None not in want and tuple(x.shape[2:]) != tuple(want):
-            raise ValueError(f"inputs have frames {tuple(x.shape[2:])} but the model expects "
-                             f"{tuple(want)} (channels, height, width)")
+            raise ValueError(
+                f"inputs have frames {tuple(x.shape[2:])} but the model expects {tuple(want)} (channels, height, width)"
+            )
         n = int(n_future or self.n_future)
         x = x.to(self.device)
         if self.model is not None:
             y = self.model.predict(x, n)
         else:
             if n != self.n_future:
-                raise ValueError(f"this model was exported for {self.n_future} future frames; "
-                                 f"n_future={n} needs the vmrnn weights (not in {self.source})")
+                raise ValueError(
+                    f"this model was exported for {self.n_future} future frames; "
+                    f"n_future={n} needs the vmrnn weights (not in {self.source})"
+                )
             y = self.module(x)
         y = y.float().cpu().numpy()
         return y[0] if single else y

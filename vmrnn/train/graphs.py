@@ -57,8 +57,9 @@ class GraphedTrainStep:
     in place; a float written over it is noticed and copied in before the next replay).
     """
 
-    def __init__(self, step: Callable[[Tensor], Tensor], model: nn.Module, optimizer: torch.optim.Optimizer,
-                 warmup: int = 3) -> None:
+    def __init__(
+        self, step: Callable[[Tensor], Tensor], model: nn.Module, optimizer: torch.optim.Optimizer, warmup: int = 3
+    ) -> None:
         self.step, self.model, self.optimizer, self.warmup = step, model, optimizer, warmup
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
         self._lr_tensors: list[Tensor | None] = []
@@ -87,8 +88,10 @@ class GraphedTrainStep:
 
     def _snapshot(self) -> tuple[list[Tensor], dict]:
         params = [p.detach().clone() for p in self.model.parameters()]
-        state = {p: {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in s.items()}
-                 for p, s in self.optimizer.state.items()}
+        state = {
+            p: {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in s.items()}
+            for p, s in self.optimizer.state.items()
+        }
         return params, state
 
     @torch.no_grad()

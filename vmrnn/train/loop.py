@@ -47,8 +47,17 @@ log = logging.getLogger("vmrnn.train")
 # the first bad step is still found exactly, from the buffered per-step values.
 LOSS_CHECK_EVERY = 8
 
-REPORTED_KEYS = ("epoch", "train_loss", "val_mse", "val_mae", "val_ssim", "val_psnr", "lr", "epoch_time_s",
-                 "samples_per_s")
+REPORTED_KEYS = (
+    "epoch",
+    "train_loss",
+    "val_mse",
+    "val_mae",
+    "val_ssim",
+    "val_psnr",
+    "lr",
+    "epoch_time_s",
+    "samples_per_s",
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -57,8 +66,10 @@ class TrainingDiverged(RuntimeError):
     def __init__(self, epoch: int, step: int, loss: float, lr: float | None = None) -> None:
         self.epoch, self.step, self.loss, self.lr = epoch, step, loss, lr
         hint = f" at lr {lr:.3g}" if lr is not None else ""
-        super().__init__(f"training diverged: loss is {loss} at epoch {epoch}, step {step}{hint} "
-                         "(lower lr, set grad_clip, or use precision=fp32)")
+        super().__init__(
+            f"training diverged: loss is {loss} at epoch {epoch}, step {step}{hint} "
+            "(lower lr, set grad_clip, or use precision=fp32)"
+        )
 
     def __reduce__(self):  # picklable across Ray / multiprocessing
         return (type(self), (self.epoch, self.step, self.loss, self.lr))
@@ -80,18 +91,19 @@ class EpochResult:
 
 @dataclass
 class TrainResult:
-    metrics: dict[str, Any]                       # the last epoch's reported metrics
+    metrics: dict[str, Any]  # the last epoch's reported metrics
     history: list[dict[str, Any]]
     best_epoch: int
     best_val_mse: float
     test_metrics: dict[str, Any] = field(default_factory=dict)
-    run_id: str | None = None                     # MLflow run (rank 0; None elsewhere / tracking off)
-    checkpoint: str | None = None                 # plain runs: the newest checkpoint directory
+    run_id: str | None = None  # MLflow run (rank 0; None elsewhere / tracking off)
+    checkpoint: str | None = None  # plain runs: the newest checkpoint directory
     best_model_state: dict[str, Tensor] | None = None
     config: TrainConfig | None = None
 
 
 # ---------------------------------------------------------------------- data
+
 
 def dataset_spec(cfg: TrainConfig):
     from vmrnn.data import dataset_spec as spec_of
@@ -119,30 +131,54 @@ def make_train_loader(ds: Dataset, cfg: TrainConfig, env: DistEnv) -> tuple[Data
     if per_rank < cfg.batch_size:
         raise TrainConfigError(
             f"training option 'batch_size' {cfg.batch_size} is larger than the {per_rank} training samples "
-            f"per worker ({n} samples over {env.world_size} worker(s)); lower batch_size or use fewer workers")
-    sampler = DistributedSampler(ds, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed,
-                                 drop_last=True)
-    loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=cfg.num_loader_workers, pin_memory=env.device.type == "cuda",
-                        generator=torch.Generator().manual_seed(cfg.seed))
+            f"per worker ({n} samples over {env.world_size} worker(s)); lower batch_size or use fewer workers"
+        )
+    sampler = DistributedSampler(
+        ds, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed, drop_last=True
+    )
+    loader = DataLoader(
+        ds,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.num_loader_workers,
+        pin_memory=env.device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
     return env.wrap_loader(loader, train=True), sampler
 
 
-def make_eval_loader(ds: Dataset, batch_size: int, env: DistEnv, num_workers: int = 0,
-                     max_batches: int | None = None) -> DataLoader:
+def make_eval_loader(
+    ds: Dataset, batch_size: int, env: DistEnv, num_workers: int = 0, max_batches: int | None = None
+) -> DataLoader:
     limit = max_batches * batch_size if max_batches else None
-    loader = DataLoader(ds, batch_size=batch_size, sampler=ShardSampler(len(ds), env.world_size, env.rank, limit),
-                        shuffle=False, drop_last=False, num_workers=num_workers,
-                        pin_memory=env.device.type == "cuda")
+    loader = DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=ShardSampler(len(ds), env.world_size, env.rank, limit),
+        shuffle=False,
+        drop_last=False,
+        num_workers=num_workers,
+        pin_memory=env.device.type == "cuda",
+    )
     return env.wrap_loader(loader, train=False)
 
 
 # ---------------------------------------------------------------------- evaluation
 
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, *, n_input: int, env: DistEnv,
-             execution: ExecutionConfig = ExecutionConfig(), metrics_mode: str = "standard",
-             n_future: int | None = None, forecast: Callable[[Tensor], Tensor] | None = None) -> dict[str, Any]:
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    n_input: int,
+    env: DistEnv,
+    execution: ExecutionConfig = ExecutionConfig(),
+    metrics_mode: str = "standard",
+    n_future: int | None = None,
+    forecast: Callable[[Tensor], Tensor] | None = None,
+) -> dict[str, Any]:
     """Forecast every batch and score the predicted frames; state summed over ranks.
 
     Returns mse, mae, ssim, psnr (as vmrnn.metrics computes them), `<metric>_by_lead` lists, `loss` (the
@@ -158,7 +194,7 @@ def evaluate(model: nn.Module, loader: DataLoader, *, n_input: int, env: DistEnv
     for batch in loader:
         inputs, targets = frames_of(batch, env.device)
         frames = torch.cat([inputs, targets], dim=1)
-        preds = forecast(frames)[:, n_input - 1:]
+        preds = forecast(frames)[:, n_input - 1 :]
         if acc is None:
             acc = metrics_bridge.make_accumulator(metrics_mode, n_future or targets.shape[1])
         acc.update(preds, targets)
@@ -181,6 +217,7 @@ def _n_future_of(loader: DataLoader) -> int:
 
 # ---------------------------------------------------------------------- the loop
 
+
 def _build_model(cfg: TrainConfig) -> nn.Module:
     return build_model(cfg.preset, **cfg.model)  # execution knobs: step.configure_model
 
@@ -196,23 +233,42 @@ def _vis_indices(n: int, k: int) -> list[int]:
 
 
 def make_meta(cfg: TrainConfig, model_cfg: dict[str, Any], spec: Any) -> dict[str, Any]:
-    return {"train": cfg.to_dict(), "model": model_cfg,
-            "dataset": {"name": cfg.dataset, "in_frames": spec.in_frames, "out_frames": spec.out_frames,
-                        "channels": spec.channels, "height": spec.height, "width": spec.width}}
+    return {
+        "train": cfg.to_dict(),
+        "model": model_cfg,
+        "dataset": {
+            "name": cfg.dataset,
+            "in_frames": spec.in_frames,
+            "out_frames": spec.out_frames,
+            "channels": spec.channels,
+            "height": spec.height,
+            "width": spec.width,
+        },
+    }
 
 
 def effective_config(cfg: TrainConfig, env: DistEnv) -> TrainConfig:
     """`cfg` with the execution that runs on this worker's device written into its execution fields and the
     ``vmrnn.execution`` tag (so MLflow and the checkpoints record what ran); the main rank prints it."""
     if env.is_main:
-        print("execution: " + resolution_line(cfg.execution, cfg.execution_overrides(), device=str(env.device),
-                                              world_size=env.world_size), flush=True)
+        print(
+            "execution: "
+            + resolution_line(
+                cfg.execution, cfg.execution_overrides(), device=str(env.device), world_size=env.world_size
+            ),
+            flush=True,
+        )
     return cfg.with_effective_execution(env.device.type, env.world_size)
 
 
-def run_training(cfg: TrainConfig, env: DistEnv | None = None, *, resume: dict[str, Any] | None = None,
-                 on_epoch_end: Callable[[EpochResult], None] | None = None,
-                 tracker: Any = None) -> TrainResult:
+def run_training(
+    cfg: TrainConfig,
+    env: DistEnv | None = None,
+    *,
+    resume: dict[str, Any] | None = None,
+    on_epoch_end: Callable[[EpochResult], None] | None = None,
+    tracker: Any = None,
+) -> TrainResult:
     """Train `cfg.epochs` epochs from `resume` (a checkpoint state) or from scratch, on this worker.
 
     `on_epoch_end` is called on every rank after each epoch (metrics already summed over ranks);
@@ -250,16 +306,25 @@ def run_training(cfg: TrainConfig, env: DistEnv | None = None, *, resume: dict[s
         core = unwrap(ddp_model)
         optimizer = build_optimizer(core, cfg)
         train_loader, sampler = make_train_loader(train_ds, cfg, env)
-        steps_per_epoch = len(train_loader) if cfg.max_train_batches is None else min(len(train_loader),
-                                                                                      cfg.max_train_batches)
+        steps_per_epoch = (
+            len(train_loader) if cfg.max_train_batches is None else min(len(train_loader), cfg.max_train_batches)
+        )
         schedule = LRSchedule(optimizer, cfg, steps_per_epoch)
         if resume is not None:
             optimizer.load_state_dict(resume["optimizer"])
             schedule.load_state_dict(resume.get("scheduler", {}))
         val_loader = make_eval_loader(val_ds, cfg.val_batch_size, env, cfg.num_loader_workers, cfg.max_val_batches)
-        step_fn = make_train_step(ddp_model, optimizer, n_input=n_input, execution=execution,
-                                  loss_target=cfg.loss_target, loss_kind=cfg.loss_kind, grad_clip=cfg.grad_clip,
-                                  device=device, grad_sync=env.gradient_sync(core))
+        step_fn = make_train_step(
+            ddp_model,
+            optimizer,
+            n_input=n_input,
+            execution=execution,
+            loss_target=cfg.loss_target,
+            loss_kind=cfg.loss_kind,
+            grad_clip=cfg.grad_clip,
+            device=device,
+            grad_sync=env.gradient_sync(core),
+        )
         forecast_fn = make_forecast(core, n_input=n_input, execution=execution, device=device)
         vis_idx = _vis_indices(len(val_ds), cfg.n_vis_samples) if env.is_main and tracker is not None else []
 
@@ -269,7 +334,7 @@ def run_training(cfg: TrainConfig, env: DistEnv | None = None, *, resume: dict[s
             targets = torch.stack([it[1] for it in items]).to(device)
             core.eval()
             with torch.no_grad():
-                preds = forecast_fn(torch.cat([inputs, targets], 1))[:, n_input - 1:]
+                preds = forecast_fn(torch.cat([inputs, targets], 1))[:, n_input - 1 :]
             core.train()
             return inputs.cpu(), targets.cpu(), preds.cpu()
 
@@ -307,20 +372,37 @@ def run_training(cfg: TrainConfig, env: DistEnv | None = None, *, resume: dict[s
             train_loss = float(totals[0] / totals[1]) if totals[1] else float("nan")
             samples_per_s = float(totals[2]) / train_time if train_time > 0 else 0.0
 
-            val = evaluate(core, val_loader, n_input=n_input, env=env, execution=execution,
-                           metrics_mode=cfg.metrics_mode, n_future=n_future, forecast=forecast_fn)
+            val = evaluate(
+                core,
+                val_loader,
+                n_input=n_input,
+                env=env,
+                execution=execution,
+                metrics_mode=cfg.metrics_mode,
+                n_future=n_future,
+                forecast=forecast_fn,
+            )
             epoch_time = time.perf_counter() - t0
             improved = val["mse"] < best_val
             if improved:
                 best_val, best_epoch = float(val["mse"]), epoch
                 best_state = _cpu_state(core)
             metrics = {
-                "epoch": epoch, "train_loss": train_loss, "val_mse": float(val["mse"]),
-                "val_mae": float(val["mae"]), "val_ssim": float(val["ssim"]), "val_psnr": float(val["psnr"]),
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_mse": float(val["mse"]),
+                "val_mae": float(val["mae"]),
+                "val_ssim": float(val["ssim"]),
+                "val_psnr": float(val["psnr"]),
                 "lr": float(lr if cfg.schedule != "cosine_step" else schedule.current_lr),
-                "epoch_time_s": epoch_time, "samples_per_s": samples_per_s, "val_loss": float(val["loss"]),
-                "train_time_s": train_time, "best_val_mse": best_val, "best_epoch": best_epoch,
-                "val_samples": int(val["count"]), "world_size": env.world_size,
+                "epoch_time_s": epoch_time,
+                "samples_per_s": samples_per_s,
+                "val_loss": float(val["loss"]),
+                "train_time_s": train_time,
+                "best_val_mse": best_val,
+                "best_epoch": best_epoch,
+                "val_samples": int(val["count"]),
+                "world_size": env.world_size,
             }
             is_last = epoch == cfg.epochs - 1
             if is_last and cfg.test_at_end:
@@ -329,8 +411,16 @@ def run_training(cfg: TrainConfig, env: DistEnv | None = None, *, resume: dict[s
             history.append(metrics)
             result_metrics = metrics
             if env.is_main:
-                log.info("epoch %d/%d  train_loss %.5g  val_mse %.5g  val_ssim %.4f  lr %.3g  %.1fs",
-                         epoch + 1, cfg.epochs, train_loss, val["mse"], val["ssim"], metrics["lr"], epoch_time)
+                log.info(
+                    "epoch %d/%d  train_loss %.5g  val_mse %.5g  val_ssim %.4f  lr %.3g  %.1fs",
+                    epoch + 1,
+                    cfg.epochs,
+                    train_loss,
+                    val["mse"],
+                    val["ssim"],
+                    metrics["lr"],
+                    epoch_time,
+                )
             if tracker is not None:
                 tracker.log_epoch(metrics, epoch)
                 if improved:
@@ -339,11 +429,20 @@ def run_training(cfg: TrainConfig, env: DistEnv | None = None, *, resume: dict[s
                     tracker.log_test(test_metrics, epoch)
 
             def payload(epoch=epoch, history=history) -> tuple[dict, dict | None, dict]:
-                state = {"epoch": epoch, "model": _cpu_state(core), "optimizer": optimizer.state_dict(),
-                         "scheduler": schedule.state_dict(), "rng": rng_state(), "history": list(history),
-                         "best_epoch": best_epoch, "best_val_mse": best_val, "config": cfg.to_dict(),
-                         "model_config": model_cfg, "world_size": env.world_size,
-                         "mlflow_run_id": getattr(tracker, "run_id", None) if tracker is not None else None}
+                state = {
+                    "epoch": epoch,
+                    "model": _cpu_state(core),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": schedule.state_dict(),
+                    "rng": rng_state(),
+                    "history": list(history),
+                    "best_epoch": best_epoch,
+                    "best_val_mse": best_val,
+                    "config": cfg.to_dict(),
+                    "model_config": model_cfg,
+                    "world_size": env.world_size,
+                    "mlflow_run_id": getattr(tracker, "run_id", None) if tracker is not None else None,
+                }
                 return state, best_state, meta
 
             if on_epoch_end is not None:
@@ -360,9 +459,16 @@ def run_training(cfg: TrainConfig, env: DistEnv | None = None, *, resume: dict[s
         if tracker is not None:
             tracker.fail(exc)
         raise
-    return TrainResult(metrics=result_metrics, history=history, best_epoch=best_epoch, best_val_mse=best_val,
-                       test_metrics=test_metrics, run_id=getattr(tracker, "run_id", None),
-                       best_model_state=best_state, config=cfg)
+    return TrainResult(
+        metrics=result_metrics,
+        history=history,
+        best_epoch=best_epoch,
+        best_val_mse=best_val,
+        test_metrics=test_metrics,
+        run_id=getattr(tracker, "run_id", None),
+        best_model_state=best_state,
+        config=cfg,
+    )
 
 
 def _check_losses(pending: list[Tensor], epoch: int, first_step: int, env: DistEnv, lr: float) -> float:
@@ -378,8 +484,9 @@ def _check_losses(pending: list[Tensor], epoch: int, first_step: int, env: DistE
     return float(vals.sum() / env.world_size)
 
 
-def score_test(cfg: TrainConfig, best_state: dict[str, Tensor] | None, env: DistEnv,
-               execution: ExecutionConfig) -> dict[str, Any]:
+def score_test(
+    cfg: TrainConfig, best_state: dict[str, Tensor] | None, env: DistEnv, execution: ExecutionConfig
+) -> dict[str, Any]:
     """Score the best weights once on the test split (sharded over ranks, summed)."""
     if best_state is None:
         return {}
@@ -389,15 +496,29 @@ def score_test(cfg: TrainConfig, best_state: dict[str, Tensor] | None, env: Dist
     model.to(env.device)
     test_ds = build_split(cfg, "test")
     loader = make_eval_loader(test_ds, cfg.val_batch_size, env, cfg.num_loader_workers, cfg.max_test_batches)
-    out = evaluate(model, loader, n_input=spec.in_frames, env=env, execution=execution,
-                   metrics_mode=cfg.metrics_mode, n_future=spec.out_frames)
+    out = evaluate(
+        model,
+        loader,
+        n_input=spec.in_frames,
+        env=env,
+        execution=execution,
+        metrics_mode=cfg.metrics_mode,
+        n_future=spec.out_frames,
+    )
     return {k: (v if isinstance(v, list) else int(v) if k == "count" else float(v)) for k, v in out.items()}
 
 
 # ---------------------------------------------------------------------- plain entry
 
-def train(cfg: TrainConfig | dict[str, Any], *, resume_from: str | None = None, resume: bool = True,
-          on_epoch_end: Callable[[EpochResult], None] | None = None, env: DistEnv | None = None) -> TrainResult:
+
+def train(
+    cfg: TrainConfig | dict[str, Any],
+    *,
+    resume_from: str | None = None,
+    resume: bool = True,
+    on_epoch_end: Callable[[EpochResult], None] | None = None,
+    env: DistEnv | None = None,
+) -> TrainResult:
     """Run all epochs in this process (data-parallel across processes when torch.distributed is initialised,
     e.g. by `python -m vmrnn.train.torchrun_main` under torchrun).
 
@@ -426,8 +547,9 @@ def train(cfg: TrainConfig | dict[str, Any], *, resume_from: str | None = None, 
     def save(result: EpochResult) -> None:
         if cfg.checkpoint_dir and env.is_main:
             st, best, meta = result.payload()
-            saved.append(str(save_epoch_checkpoint(cfg.checkpoint_dir, result.epoch, st, best, meta,
-                                                   keep=cfg.keep_checkpoints)))
+            saved.append(
+                str(save_epoch_checkpoint(cfg.checkpoint_dir, result.epoch, st, best, meta, keep=cfg.keep_checkpoints))
+            )
         if on_epoch_end is not None:
             on_epoch_end(result)
 
@@ -436,8 +558,9 @@ def train(cfg: TrainConfig | dict[str, Any], *, resume_from: str | None = None, 
         from vmrnn.tracking.runs import RunTracker
 
         try:
-            tracker = RunTracker.open(cfg, run_id=(state or {}).get("mlflow_run_id"),
-                                      history=(state or {}).get("history", []))
+            tracker = RunTracker.open(
+                cfg, run_id=(state or {}).get("mlflow_run_id"), history=(state or {}).get("history", [])
+            )
         except Exception as exc:  # the other ranks must not wait for rank 0 in a collective
             error = exc
     if env.distributed:
@@ -462,24 +585,36 @@ def _load_resumed_weights(model: torch.nn.Module, resume: dict[str, Any], model_
         model.load_state_dict(resume["model"])
     except (RuntimeError, KeyError, TypeError) as exc:
         saved = resume.get("model_config") or {}
-        diff = [f"{k}={saved.get(k)!r} (this run: {model_cfg.get(k)!r})"
-                for k in sorted(set(saved) | set(model_cfg)) if saved.get(k) != model_cfg.get(k)]
+        diff = [
+            f"{k}={saved.get(k)!r} (this run: {model_cfg.get(k)!r})"
+            for k in sorted(set(saved) | set(model_cfg))
+            if saved.get(k) != model_cfg.get(k)
+        ]
         why = ", ".join(diff[:6]) if diff else str(exc).strip().splitlines()[0][:200]
-        raise CheckpointMismatch(f"checkpoint {resume.get('path', '')} holds a different model than this run: "
-                                 f"{why}; resume with the settings it was trained with, or start a new run") \
-            from None
+        raise CheckpointMismatch(
+            f"checkpoint {resume.get('path', '')} holds a different model than this run: "
+            f"{why}; resume with the settings it was trained with, or start a new run"
+        ) from None
 
 
 def _load_best(path: str) -> dict[str, Tensor] | None:
-    from vmrnn.train.checkpoint import BEST_FILE
-
     from pathlib import Path
 
-    from vmrnn.train.checkpoint import load_tensors
+    from vmrnn.train.checkpoint import BEST_FILE, load_tensors
 
     f = Path(path) / BEST_FILE
     return load_tensors(f) if f.exists() else None
 
 
-__all__ = ["REPORTED_KEYS", "EpochResult", "TrainResult", "TrainingDiverged", "TrainingStopped", "effective_config",
-           "evaluate", "run_training", "score_test", "train"]
+__all__ = [
+    "REPORTED_KEYS",
+    "EpochResult",
+    "TrainResult",
+    "TrainingDiverged",
+    "TrainingStopped",
+    "effective_config",
+    "evaluate",
+    "run_training",
+    "score_test",
+    "train",
+]

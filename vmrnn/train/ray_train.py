@@ -45,8 +45,9 @@ log = logging.getLogger("vmrnn.train")
 WORKER_GROUP_START_TIMEOUT_S = "300"
 
 
-def init_local_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
-                   **kwargs: Any) -> None:
+def init_local_ray(
+    address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None, **kwargs: Any
+) -> None:
     """Connect to `address` / $RAY_ADDRESS, else start a local loopback-only Ray with the dashboard
     (Train V2 needs its State API to clean up placement groups between runs)."""
     if ray.is_initialized():
@@ -61,11 +62,11 @@ def init_local_ray(address: str | None = None, num_cpus: int | None = None, num_
         if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
             # Ray was imported before our default was set (the constant is read at import): loopback only.
             ray_constants.ENABLE_RAY_CLUSTER = False
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 **kwargs)
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
 
 
 # ---------------------------------------------------------------------- worker side
+
 
 def _prepare_model(model):
     return model.to(ray.train.torch.get_device())
@@ -79,9 +80,15 @@ def _prepare_loader(loader, train: bool = True):
 
 def _ray_env() -> DistEnv:
     ctx = ray.train.get_context()
-    return DistEnv(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), local_rank=ctx.get_local_rank(),
-                   device=ray.train.torch.get_device(), wrap_model=_prepare_model, wrap_loader=_prepare_loader,
-                   backend="ray")
+    return DistEnv(
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        local_rank=ctx.get_local_rank(),
+        device=ray.train.torch.get_device(),
+        wrap_model=_prepare_model,
+        wrap_loader=_prepare_loader,
+        backend="ray",
+    )
 
 
 def _load_resume(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
@@ -122,8 +129,9 @@ def raise_if_failed(summary: Any) -> None:
     if summary.get("failed") is not None:
         raise summary["failed"]
     if summary.get("diverged"):
-        raise TrainingDiverged(summary.get("epoch", -1), summary.get("step", -1), summary.get("loss", float("nan")),
-                               summary.get("lr"))
+        raise TrainingDiverged(
+            summary.get("epoch", -1), summary.get("step", -1), summary.get("loss", float("nan")), summary.get("lr")
+        )
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -148,8 +156,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if cfg.tracking and env.is_main:
         from vmrnn.tracking.runs import RunTracker
 
-        tracker = RunTracker.open(cfg, run_id=(resume or {}).get("mlflow_run_id"),
-                                  history=(resume or {}).get("history", []))
+        tracker = RunTracker.open(
+            cfg, run_id=(resume or {}).get("mlflow_run_id"), history=(resume or {}).get("history", [])
+        )
 
     def on_epoch_end(res: EpochResult) -> None:
         with tempfile.TemporaryDirectory(prefix="vmrnn-ckpt-") as d:
@@ -158,8 +167,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 state, best, meta = res.payload()
                 write_checkpoint(d, state, best, meta)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(res.metrics, checkpoint=checkpoint,
-                             checkpoint_dir_name=f"checkpoint_epoch{res.epoch:04d}_{time.time_ns()}")
+            ray.train.report(
+                res.metrics,
+                checkpoint=checkpoint,
+                checkpoint_dir_name=f"checkpoint_epoch{res.epoch:04d}_{time.time_ns()}",
+            )
         _maybe_crash(fault, res.epoch, env.rank)
 
     try:
@@ -167,21 +179,39 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     except _input_errors() as exc:
         # Bad data or a checkpoint of another model fails the same way on every attempt (and on every
         # rank, before any collective): no retry, no worker traceback; `fit` raises it in the driver.
-        return {"diverged": False, "failed": exc, "error": f"{type(exc).__name__}: {exc}",
-                "run_id": getattr(tracker, "run_id", None)}
+        return {
+            "diverged": False,
+            "failed": exc,
+            "error": f"{type(exc).__name__}: {exc}",
+            "run_id": getattr(tracker, "run_id", None),
+        }
     except TrainingDiverged as exc:
         # Every rank sees the same summed losses, so every rank gets here at the same step.
         metrics = {k: float("nan") for k in REPORTED_KEYS}
         metrics.update(epoch=exc.epoch, diverged=1.0, diverged_step=exc.step)
         ray.train.report(metrics)
-        return {"diverged": True, "epoch": exc.epoch, "step": exc.step, "loss": exc.loss, "lr": exc.lr,
-                "error": str(exc), "run_id": getattr(tracker, "run_id", None)}
-    return {"diverged": False, "run_id": result.run_id, "best_epoch": result.best_epoch,
-            "best_val_mse": result.best_val_mse, "test_metrics": result.test_metrics,
-            "epochs": len(result.history), "resumed_from_epoch": resume["epoch"] if resume else None}
+        return {
+            "diverged": True,
+            "epoch": exc.epoch,
+            "step": exc.step,
+            "loss": exc.loss,
+            "lr": exc.lr,
+            "error": str(exc),
+            "run_id": getattr(tracker, "run_id", None),
+        }
+    return {
+        "diverged": False,
+        "run_id": result.run_id,
+        "best_epoch": result.best_epoch,
+        "best_val_mse": result.best_val_mse,
+        "test_metrics": result.test_metrics,
+        "epochs": len(result.history),
+        "resumed_from_epoch": resume["epoch"] if resume else None,
+    }
 
 
 # ---------------------------------------------------------------------- driver side
+
 
 class ProgressCallback(UserCallback):
     """One line per reported epoch (printed by the Ray Train controller, forwarded to the driver)."""
@@ -197,9 +227,12 @@ class ProgressCallback(UserCallback):
             print(f"[vmrnn] diverged at epoch {int(m['epoch'])}, step {int(m.get('diverged_step', -1))}", flush=True)
             return
         extra = "".join(f"  {k} {m[k]:.5g}" for k in ("test_mse", "test_ssim") if k in m)
-        print(f"[vmrnn] epoch {int(m['epoch']) + 1}/{self.epochs}  train_loss {m['train_loss']:.5g}  "
-              f"val_mse {m['val_mse']:.5g}  val_ssim {m['val_ssim']:.4f}  lr {m['lr']:.3g}  "
-              f"{m['epoch_time_s']:.1f}s  {m['samples_per_s']:.1f} samples/s{extra}", flush=True)
+        print(
+            f"[vmrnn] epoch {int(m['epoch']) + 1}/{self.epochs}  train_loss {m['train_loss']:.5g}  "
+            f"val_mse {m['val_mse']:.5g}  val_ssim {m['val_ssim']:.4f}  lr {m['lr']:.3g}  "
+            f"{m['epoch_time_s']:.1f}s  {m['samples_per_s']:.1f} samples/s{extra}",
+            flush=True,
+        )
 
 
 def prepare_config(cfg: TrainConfig | dict[str, Any]) -> TrainConfig:
@@ -218,21 +251,42 @@ def prepare_config(cfg: TrainConfig | dict[str, Any]) -> TrainConfig:
     return cfg
 
 
-def build_trainer(cfg: TrainConfig, *, num_workers: int, use_gpu: bool, resources_per_worker: dict | None,
-                  run_config: RunConfig, fault_injection: dict[str, Any] | None = None,
-                  threads_per_worker: int = 1) -> TorchTrainer:
+def build_trainer(
+    cfg: TrainConfig,
+    *,
+    num_workers: int,
+    use_gpu: bool,
+    resources_per_worker: dict | None,
+    run_config: RunConfig,
+    fault_injection: dict[str, Any] | None = None,
+    threads_per_worker: int = 1,
+) -> TorchTrainer:
     """A TorchTrainer that runs `train_loop_per_worker` on `num_workers` workers (gloo on CPU, NCCL on GPU).
 
     `cfg.batch_size` is per worker. The caller owns `run_config` (name, storage_path, failure_config,
     checkpoint_config, callbacks); a run_config without failure/checkpoint settings keeps Ray's defaults.
     `cfg` is resolved here (prepare_config), once: the workers get it resolved."""
-    return _trainer(prepare_config(cfg), num_workers=num_workers, use_gpu=use_gpu,
-                    resources_per_worker=resources_per_worker, run_config=run_config,
-                    fault_injection=fault_injection, threads_per_worker=threads_per_worker)
+    return _trainer(
+        prepare_config(cfg),
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        resources_per_worker=resources_per_worker,
+        run_config=run_config,
+        fault_injection=fault_injection,
+        threads_per_worker=threads_per_worker,
+    )
 
 
-def _trainer(cfg: TrainConfig, *, num_workers: int, use_gpu: bool, resources_per_worker: dict | None,
-             run_config: RunConfig, fault_injection: dict[str, Any] | None, threads_per_worker: int) -> TorchTrainer:
+def _trainer(
+    cfg: TrainConfig,
+    *,
+    num_workers: int,
+    use_gpu: bool,
+    resources_per_worker: dict | None,
+    run_config: RunConfig,
+    fault_injection: dict[str, Any] | None,
+    threads_per_worker: int,
+) -> TorchTrainer:
     """build_trainer for a config from prepare_config."""
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", WORKER_GROUP_START_TIMEOUT_S)
     if num_workers < 1:
@@ -242,18 +296,31 @@ def _trainer(cfg: TrainConfig, *, num_workers: int, use_gpu: bool, resources_per
     scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train_config": cfg.to_dict(), "fault_injection": fault_injection,
-                           "threads_per_worker": threads_per_worker},
+        train_loop_config={
+            "train_config": cfg.to_dict(),
+            "fault_injection": fault_injection,
+            "threads_per_worker": threads_per_worker,
+        },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=scaling,
         run_config=run_config,
     )
 
 
-def fit(cfg: TrainConfig | dict[str, Any], num_workers: int = 1, use_gpu: bool = False, *,
-        resources_per_worker: dict | None = None, storage_path: str | None = None, name: str | None = None,
-        max_failures: int = 2, num_to_keep: int = 2, progress: bool = True,
-        fault_injection: dict[str, Any] | None = None, threads_per_worker: int | None = None) -> ray.train.Result:
+def fit(
+    cfg: TrainConfig | dict[str, Any],
+    num_workers: int = 1,
+    use_gpu: bool = False,
+    *,
+    resources_per_worker: dict | None = None,
+    storage_path: str | None = None,
+    name: str | None = None,
+    max_failures: int = 2,
+    num_to_keep: int = 2,
+    progress: bool = True,
+    fault_injection: dict[str, Any] | None = None,
+    threads_per_worker: int | None = None,
+) -> ray.train.Result:
     """Run one TorchTrainer to completion (starting a local Ray if none is connected); for the CLI.
 
     Raises TrainingDiverged when the loss became NaN/inf, ray.train.TrainingFailedError when the
@@ -275,12 +342,26 @@ def fit(cfg: TrainConfig | dict[str, Any], num_workers: int = 1, use_gpu: bool =
         checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
         callbacks=[ProgressCallback(int(cfg.epochs or 0))] if progress else [],
     )
-    trainer = _trainer(cfg, num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker,
-                       run_config=run_config, fault_injection=fault_injection, threads_per_worker=threads_per_worker)
+    trainer = _trainer(
+        cfg,
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        resources_per_worker=resources_per_worker,
+        run_config=run_config,
+        fault_injection=fault_injection,
+        threads_per_worker=threads_per_worker,
+    )
     result = trainer.fit()
     raise_if_failed(result.return_value)
     return result
 
 
-__all__ = ["ProgressCallback", "build_trainer", "fit", "init_local_ray", "prepare_config", "raise_if_failed",
-           "train_loop_per_worker"]
+__all__ = [
+    "ProgressCallback",
+    "build_trainer",
+    "fit",
+    "init_local_ray",
+    "prepare_config",
+    "raise_if_failed",
+    "train_loop_per_worker",
+]

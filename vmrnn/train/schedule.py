@@ -49,8 +49,14 @@ class LRSchedule:
         if self.kind == "constant":
             return self.lr
         t = float(epoch) if self.kind == "cosine" else epoch + step / self.steps_per_epoch
-        return cosine_lr(t, lr=self.lr, epochs=self.epochs, warmup_epochs=self.warmup_epochs,
-                         warmup_lr=self.warmup_lr, min_lr=self.min_lr)
+        return cosine_lr(
+            t,
+            lr=self.lr,
+            epochs=self.epochs,
+            warmup_epochs=self.warmup_epochs,
+            warmup_lr=self.warmup_lr,
+            min_lr=self.min_lr,
+        )
 
     def _set(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -74,9 +80,17 @@ class LRSchedule:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "lr": self.lr, "epochs": self.epochs, "warmup_epochs": self.warmup_epochs,
-                "warmup_lr": self.warmup_lr, "min_lr": self.min_lr, "steps_per_epoch": self.steps_per_epoch,
-                "last_epoch": self.last_epoch, "last_step": self.last_step}
+        return {
+            "kind": self.kind,
+            "lr": self.lr,
+            "epochs": self.epochs,
+            "warmup_epochs": self.warmup_epochs,
+            "warmup_lr": self.warmup_lr,
+            "min_lr": self.min_lr,
+            "steps_per_epoch": self.steps_per_epoch,
+            "last_epoch": self.last_epoch,
+            "last_step": self.last_step,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_epoch = int(state.get("last_epoch", -1))
@@ -94,12 +108,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     D skips), norms and biases (tensors of <= 1 dimension, and any `*bias` such as dt_bias) get none."""
     lr = float(cfg.lr)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
-                                weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if _no_decay(name, p) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "group": "decay"},
-              {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "group": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"},
+    ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8)

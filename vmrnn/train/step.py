@@ -106,11 +106,18 @@ def _loss_fn(model, frames, n_input, execution, device, loss_target, loss_kind):
         return rollout_loss(preds.float(), frames, n_input, target=loss_target, kind=loss_kind)
 
 
-def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, n_input: int,
-                    execution: ExecutionConfig = ExecutionConfig(), loss_target: str = "all",
-                    loss_kind: str = "mse", grad_clip: float | None = None,
-                    device: torch.device | str = "cpu",
-                    grad_sync: Callable[[], None] | None = None) -> Callable[[Tensor], Tensor]:
+def make_train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    n_input: int,
+    execution: ExecutionConfig = ExecutionConfig(),
+    loss_target: str = "all",
+    loss_kind: str = "mse",
+    grad_clip: float | None = None,
+    device: torch.device | str = "cpu",
+    grad_sync: Callable[[], None] | None = None,
+) -> Callable[[Tensor], Tensor]:
     """A function frames (B, T_tot, C, H, W) -> detached loss that runs forward, backward and update.
 
     grad_sync: the data-parallel gradient all-reduce (`vmrnn.train.data_parallel.GradientAllReduce`), run
@@ -137,8 +144,13 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, n_inp
     return step
 
 
-def make_forecast(model: nn.Module, *, n_input: int, execution: ExecutionConfig = ExecutionConfig(),
-                  device: torch.device | str = "cpu") -> Callable[[Tensor], Tensor]:
+def make_forecast(
+    model: nn.Module,
+    *,
+    n_input: int,
+    execution: ExecutionConfig = ExecutionConfig(),
+    device: torch.device | str = "cpu",
+) -> Callable[[Tensor], Tensor]:
     """A function frames (B, T_tot, ...) -> the full rollout predictions (B, T_tot-1, ...), no grad."""
     configure_model(model, execution)
 

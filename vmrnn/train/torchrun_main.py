@@ -3,7 +3,8 @@
     python -m vmrnn.train.torchrun_main --dataset taxibj --data-dir data --epochs 100
     torchrun --nproc_per_node 4 -m vmrnn.train.torchrun_main --dataset taxibj --data-dir data --set batch_size=8
 
-Under torchrun every rank trains on its shard (DistributedSampler) with the step's own gradient all-reduce (NCCL on GPUs, gloo on CPU);
+Under torchrun every rank trains on its shard (DistributedSampler) with the step's own gradient all-reduce
+(NCCL on GPUs, gloo on CPU);
 metrics are summed over ranks; rank 0 writes checkpoints (--checkpoint-dir, resumed automatically when it
 holds one) and logs to MLflow.
 """
@@ -82,14 +83,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"vmrnn.train.torchrun_main: {exc}", file=sys.stderr)
             return 1
         if rank == 0:
-            summary = {"metrics": res.metrics, "best_epoch": res.best_epoch, "best_val_mse": res.best_val_mse,
-                       "test": {k: v for k, v in res.test_metrics.items()}, "run_id": res.run_id,
-                       "checkpoint": res.checkpoint}
+            summary = {
+                "metrics": res.metrics,
+                "best_epoch": res.best_epoch,
+                "best_val_mse": res.best_val_mse,
+                "test": {k: v for k, v in res.test_metrics.items()},
+                "run_id": res.run_id,
+                "checkpoint": res.checkpoint,
+            }
             if args.result_json:
                 with open(args.result_json, "w") as f:
                     json.dump(summary, f, indent=1, default=str)
-            print(json.dumps({k: summary[k] for k in ("best_epoch", "best_val_mse", "run_id", "checkpoint")},
-                             default=str))
+            print(
+                json.dumps({k: summary[k] for k in ("best_epoch", "best_val_mse", "run_id", "checkpoint")}, default=str)
+            )
         return 0
     finally:
         if started and dist.is_initialized():

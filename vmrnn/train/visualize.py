@@ -95,8 +95,7 @@ def save_gif(inputs, targets, preds, path: str | os.PathLike, *, frame_ms: int =
                     if img.ndim == 2:
                         img = np.repeat(img[..., None], 3, axis=2)
                     img = np.kron(img, np.ones((scale, scale, 1), dtype=np.float32))
-                    img = np.pad(img, ((pad, pad), (pad, pad), (0, 0)),
-                                 constant_values=(1.0 if t >= t_in else 0.3))
+                    img = np.pad(img, ((pad, pad), (pad, pad), (0, 0)), constant_values=(1.0 if t >= t_in else 0.3))
                     row.append(img)
             tiles_rows.append(np.concatenate(row, axis=1))
         canvas = (np.concatenate(tiles_rows, axis=0) * 255).round().astype(np.uint8)

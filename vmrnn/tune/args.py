@@ -10,8 +10,8 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any
 
-from vmrnn.tracking import experiments, uris
 from vmrnn.data.remote import is_remote
+from vmrnn.tracking import experiments, uris
 from vmrnn.tracking.uris import absolute_tracking_uri
 from vmrnn.tune import defaults as D
 from vmrnn.tune.spaces import SweepSpec
@@ -24,13 +24,41 @@ class SweepError(Exception):
 # Settings that define a sweep. They are logged on the parent run as params `sweep.<key>`; resuming a
 # sweep takes omitted flags from there and refuses flags that contradict them (Tune cannot change a
 # running sweep's shape).
-SWEEP_SETTINGS = ("dataset", "smoke", "preset", "data_dir", "epochs", "num_samples", "workers_per_trial",
-                  "gpus_per_worker", "cpus_per_worker", "trial_cpus", "grace_period", "reduction_factor", "seed",
-                  "max_train_batches", "max_val_batches", "points", "overrides")
+SWEEP_SETTINGS = (
+    "dataset",
+    "smoke",
+    "preset",
+    "data_dir",
+    "epochs",
+    "num_samples",
+    "workers_per_trial",
+    "gpus_per_worker",
+    "cpus_per_worker",
+    "trial_cpus",
+    "grace_period",
+    "reduction_factor",
+    "seed",
+    "max_train_batches",
+    "max_val_batches",
+    "points",
+    "overrides",
+)
 
 # Training options the sweep itself sets for every trial: `--set` may not change them.
-SWEEP_OWNED = ("dataset", "data_dir", "preset", "epochs", "seed", "tracking", "tracking_uri", "experiment",
-               "parent_run_id", "run_key", "run_name", "device")
+SWEEP_OWNED = (
+    "dataset",
+    "data_dir",
+    "preset",
+    "epochs",
+    "seed",
+    "tracking",
+    "tracking_uri",
+    "experiment",
+    "parent_run_id",
+    "run_key",
+    "run_name",
+    "device",
+)
 
 
 def build_parser(spec: SweepSpec, prog: str | None = None) -> argparse.ArgumentParser:
@@ -39,7 +67,7 @@ def build_parser(spec: SweepSpec, prog: str | None = None) -> argparse.ArgumentP
         prog=prog or f"sweeps/{name}.py",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent(f"""\
-            Hyper-parameter sweep of VMRNN on {name}{': ' + spec.description if spec.description else ''}.
+            Hyper-parameter sweep of VMRNN on {name}{": " + spec.description if spec.description else ""}.
 
             Ray Tune runs Optuna (TPE) trials, the first one the official configuration; ASHA stops weak
             trials early on val_mse; each trial is a Ray Train TorchTrainer training data-parallel.
@@ -49,7 +77,8 @@ def build_parser(spec: SweepSpec, prog: str | None = None) -> argparse.ArgumentP
             Without a cluster address it starts a local Ray (127.0.0.1 only, dashboard on); under
             `ray job submit` (or with RAY_ADDRESS / --address) it joins that cluster. Re-running the
             same command with the same --name resumes the sweep."""),
-        epilog=textwrap.dedent(f"""\
+        epilog=textwrap.dedent(
+            f"""\
             examples:
               python sweeps/{name}.py --smoke                  # tiny model, synthetic data, CPU, minutes
               python sweeps/{name}.py --data-dir ./data --num-samples 32 --epochs 50
@@ -58,72 +87,138 @@ def build_parser(spec: SweepSpec, prog: str | None = None) -> argparse.ArgumentP
 
             defaults (real sweeps): {spec.num_samples} trials x {spec.epochs} epochs, """
             f"""{spec.workers_per_trial} worker(s) per trial,
-            1 GPU per worker when the cluster has GPUs; docs/SWEEPS.md has the details."""))
+            1 GPU per worker when the cluster has GPUs; docs/SWEEPS.md has the details."""
+        ),
+    )
     g = p.add_argument_group("data and model")
-    g.add_argument("--data-dir", metavar="PATH",
-                   help="dataset root in the published layout (default: $VMRNN_DATA_DIR or ./data; with "
-                        "--smoke: small synthetic data written once to ~/.cache/vmrnn/synthetic)")
-    g.add_argument("--smoke", action="store_true", default=None,
-                   help=f"smoke sweep: tiny model preset, small synthetic data in the real format (or "
-                        f"--data-dir's data), CPU, "
-                        f"{D.SMOKE['num_samples']} trials x {D.SMOKE['epochs']} epochs x "
-                        f"{D.SMOKE['max_train_batches']} batches; a few minutes on 2 cores")
-    g.add_argument("--preset", help="model preset the space's overrides apply to "
-                                    f"(default: {spec.resolved_preset(False)}; smoke: "
-                                    f"{spec.resolved_preset(True)})")
-    g.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
-                   help="a training option for every trial, as in `vmrnn train --set` (e.g. grad_clip=1.0, "
-                        "execution=reference, model.drop_path=0.1, tags.team=x); not the searched keys or what "
-                        "the sweep sets itself (dataset, epochs, seed, tracking, ...); log_model=false "
-                        "needs --no-register; repeatable")
+    g.add_argument(
+        "--data-dir",
+        metavar="PATH",
+        help="dataset root in the published layout (default: $VMRNN_DATA_DIR or ./data; with "
+        "--smoke: small synthetic data written once to ~/.cache/vmrnn/synthetic)",
+    )
+    g.add_argument(
+        "--smoke",
+        action="store_true",
+        default=None,
+        help=f"smoke sweep: tiny model preset, small synthetic data in the real format (or "
+        f"--data-dir's data), CPU, "
+        f"{D.SMOKE['num_samples']} trials x {D.SMOKE['epochs']} epochs x "
+        f"{D.SMOKE['max_train_batches']} batches; a few minutes on 2 cores",
+    )
+    g.add_argument(
+        "--preset",
+        help="model preset the space's overrides apply to "
+        f"(default: {spec.resolved_preset(False)}; smoke: "
+        f"{spec.resolved_preset(True)})",
+    )
+    g.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a training option for every trial, as in `vmrnn train --set` (e.g. grad_clip=1.0, "
+        "execution=reference, model.drop_path=0.1, tags.team=x); not the searched keys or what "
+        "the sweep sets itself (dataset, epochs, seed, tracking, ...); log_model=false "
+        "needs --no-register; repeatable",
+    )
     g = p.add_argument_group("search")
     g.add_argument("--num-samples", type=int, metavar="N", help="number of trials")
     g.add_argument("--epochs", type=int, metavar="N", help="epochs per trial (ASHA's max_t)")
-    g.add_argument("--grace-period", type=int, metavar="N",
-                   help="ASHA: epochs every trial gets before it can be stopped (default: epochs // 8, >= 1)")
-    g.add_argument("--reduction-factor", type=int, metavar="N",
-                   help=f"ASHA: keep the best 1/N at each rung (default {spec.reduction_factor})")
+    g.add_argument(
+        "--grace-period",
+        type=int,
+        metavar="N",
+        help="ASHA: epochs every trial gets before it can be stopped (default: epochs // 8, >= 1)",
+    )
+    g.add_argument(
+        "--reduction-factor",
+        type=int,
+        metavar="N",
+        help=f"ASHA: keep the best 1/N at each rung (default {spec.reduction_factor})",
+    )
     g.add_argument("--seed", type=int, metavar="N", help="seed of the TPE sampler and of training (default 0)")
-    g.add_argument("--point", dest="points", action="append", metavar="KEY=VALUE[,KEY=VALUE...]",
-                   help="also evaluate this configuration, right after the official one; keys left out take "
-                        "the official values; numbers may lie outside the space (e.g. a known good "
-                        "configuration, or lr=10 to see how a diverging trial is reported); repeatable")
+    g.add_argument(
+        "--point",
+        dest="points",
+        action="append",
+        metavar="KEY=VALUE[,KEY=VALUE...]",
+        help="also evaluate this configuration, right after the official one; keys left out take "
+        "the official values; numbers may lie outside the space (e.g. a known good "
+        "configuration, or lr=10 to see how a diverging trial is reported); repeatable",
+    )
     g = p.add_argument_group("resources")
-    g.add_argument("--workers-per-trial", type=int, metavar="N",
-                   help=f"data-parallel Ray Train workers per trial (default {spec.workers_per_trial}; "
-                        f"smoke {D.SMOKE['workers_per_trial']})")
-    g.add_argument("--gpus-per-worker", type=float, metavar="G",
-                   help="GPUs per worker (default: 1 if the cluster has GPUs, else 0 = CPU training)")
-    g.add_argument("--cpus-per-worker", type=float, metavar="C",
-                   help="CPUs per worker (default: 1 with GPUs, 0.5 on CPU); each trial's driver adds "
-                        "--trial-cpus")
-    g.add_argument("--trial-cpus", type=float, metavar="C",
-                   help="CPUs reserved for each trial's own actor, which runs the TorchTrainer's controller "
-                        "and mostly waits (default 1); lower it to run more trials at once on few CPUs")
-    g.add_argument("--max-concurrent", type=int, metavar="N",
-                   help="trials at once (default: what the cluster fits: GPUs / (gpus-per-worker x "
-                        "workers-per-trial), on CPU CPUs / (trial-cpus + cpus-per-worker x workers-per-trial))")
-    g.add_argument("--address", metavar="ADDR",
-                   help="Ray cluster to join (default: $RAY_ADDRESS, set by `ray job submit`; without one a "
-                        "local Ray is started; 'auto' joins a `ray start` cluster on this machine)")
+    g.add_argument(
+        "--workers-per-trial",
+        type=int,
+        metavar="N",
+        help=f"data-parallel Ray Train workers per trial (default {spec.workers_per_trial}; "
+        f"smoke {D.SMOKE['workers_per_trial']})",
+    )
+    g.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        metavar="G",
+        help="GPUs per worker (default: 1 if the cluster has GPUs, else 0 = CPU training)",
+    )
+    g.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        metavar="C",
+        help="CPUs per worker (default: 1 with GPUs, 0.5 on CPU); each trial's driver adds --trial-cpus",
+    )
+    g.add_argument(
+        "--trial-cpus",
+        type=float,
+        metavar="C",
+        help="CPUs reserved for each trial's own actor, which runs the TorchTrainer's controller "
+        "and mostly waits (default 1); lower it to run more trials at once on few CPUs",
+    )
+    g.add_argument(
+        "--max-concurrent",
+        type=int,
+        metavar="N",
+        help="trials at once (default: what the cluster fits: GPUs / (gpus-per-worker x "
+        "workers-per-trial), on CPU CPUs / (trial-cpus + cpus-per-worker x workers-per-trial))",
+    )
+    g.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="Ray cluster to join (default: $RAY_ADDRESS, set by `ray job submit`; without one a "
+        "local Ray is started; 'auto' joins a `ray start` cluster on this machine)",
+    )
     g = p.add_argument_group("state and tracking")
-    g.add_argument("--name", help="sweep name: Tune experiment name and MLflow tag vmrnn.sweep; the same name "
-                                  f"resumes (default: {D.default_sweep_name(name, False)}, smoke: "
-                                  f"{D.default_sweep_name(name, True)})")
-    g.add_argument("--storage-path", metavar="PATH_OR_URI",
-                   help="where Tune and Train keep sweep state and checkpoints: a local path or a cloud URI "
-                        "(s3://, gs://, ...); must be shared by all nodes of a multi-node cluster "
-                        "(default: $VMRNN_STORAGE_PATH or ~/ray_results)")
-    g.add_argument("--tracking-uri", metavar="URI",
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db "
-                        "with artifacts in ./mlruns)")
+    g.add_argument(
+        "--name",
+        help="sweep name: Tune experiment name and MLflow tag vmrnn.sweep; the same name "
+        f"resumes (default: {D.default_sweep_name(name, False)}, smoke: "
+        f"{D.default_sweep_name(name, True)})",
+    )
+    g.add_argument(
+        "--storage-path",
+        metavar="PATH_OR_URI",
+        help="where Tune and Train keep sweep state and checkpoints: a local path or a cloud URI "
+        "(s3://, gs://, ...); must be shared by all nodes of a multi-node cluster "
+        "(default: $VMRNN_STORAGE_PATH or ~/ray_results)",
+    )
+    g.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db "
+        "with artifacts in ./mlruns)",
+    )
     g.add_argument("--experiment", help=f"MLflow experiment (default: {experiments.default_experiment(name)})")
-    g.add_argument("--no-register", action="store_true",
-                   help="do not register the best model in the MLflow Model Registry")
-    g.add_argument("--retry-errored", action="store_true",
-                   help="when resuming, run failed trials again from their last checkpoint")
-    g.add_argument("--verbose", action="store_true",
-                   help="stream the Ray workers' logs (training progress per epoch) to this terminal")
+    g.add_argument(
+        "--no-register", action="store_true", help="do not register the best model in the MLflow Model Registry"
+    )
+    g.add_argument(
+        "--retry-errored", action="store_true", help="when resuming, run failed trials again from their last checkpoint"
+    )
+    g.add_argument(
+        "--verbose",
+        action="store_true",
+        help="stream the Ray workers' logs (training progress per epoch) to this terminal",
+    )
     return p
 
 
@@ -151,40 +246,65 @@ def resolve_settings(spec: SweepSpec, args: argparse.Namespace, stored: dict[str
         defaults: dict[str, Any] = dict(D.SMOKE)
         defaults["data_dir"] = D.smoke_data_dir(spec.dataset)
     else:
-        defaults = {"num_samples": spec.num_samples, "epochs": spec.epochs,
-                    "workers_per_trial": spec.workers_per_trial, "gpus_per_worker": None,
-                    "cpus_per_worker": None, "trial_cpus": 1.0, "reduction_factor": spec.reduction_factor,
-                    "max_train_batches": None, "max_val_batches": None,
-                    "data_dir": os.environ.get("VMRNN_DATA_DIR") or "data"}
+        defaults = {
+            "num_samples": spec.num_samples,
+            "epochs": spec.epochs,
+            "workers_per_trial": spec.workers_per_trial,
+            "gpus_per_worker": None,
+            "cpus_per_worker": None,
+            "trial_cpus": 1.0,
+            "reduction_factor": spec.reduction_factor,
+            "max_train_batches": None,
+            "max_val_batches": None,
+            "data_dir": os.environ.get("VMRNN_DATA_DIR") or "data",
+        }
         if not is_remote(defaults["data_dir"]):
             defaults["data_dir"] = os.path.abspath(os.path.expanduser(defaults["data_dir"]))
-    defaults.update({"dataset": spec.dataset, "smoke": smoke, "seed": 0, "points": [], "overrides": [],
-                     "preset": spec.resolved_preset(smoke)})
+    defaults.update(
+        {
+            "dataset": spec.dataset,
+            "smoke": smoke,
+            "seed": 0,
+            "points": [],
+            "overrides": [],
+            "preset": spec.resolved_preset(smoke),
+        }
+    )
     settings: dict[str, Any] = {}
     conflicts = []
     for key in SWEEP_SETTINGS:
         if key in explicit:
             value = explicit[key]
-            if key in stored_values and _json(stored_values[key]) != _json(value) and not (
-                    key == "smoke" and not value):
-                conflicts.append(f"--{key.replace('_', '-')} {value} (the sweep was started with "
-                                 f"{stored_values[key]})")
+            if (
+                key in stored_values
+                and _json(stored_values[key]) != _json(value)
+                and not (key == "smoke" and not value)
+            ):
+                conflicts.append(f"--{key.replace('_', '-')} {value} (the sweep was started with {stored_values[key]})")
             settings[key] = value
         elif key in stored_values:
             settings[key] = stored_values[key]
         else:
             settings[key] = defaults.get(key)
     if settings.get("grace_period") is None:
-        settings["grace_period"] = (spec.grace_period if not smoke and spec.grace_period
-                                    else D.SMOKE["grace_period"] if smoke
-                                    else max(1, int(settings["epochs"]) // 8))
+        settings["grace_period"] = (
+            spec.grace_period
+            if not smoke and spec.grace_period
+            else D.SMOKE["grace_period"]
+            if smoke
+            else max(1, int(settings["epochs"]) // 8)
+        )
     if conflicts:
-        raise SweepError("cannot resume this sweep with different settings: " + "; ".join(conflicts)
-                         + ". Re-run with the same flags, or start a new sweep with another --name")
+        raise SweepError(
+            "cannot resume this sweep with different settings: "
+            + "; ".join(conflicts)
+            + ". Re-run with the same flags, or start a new sweep with another --name"
+        )
     for key in ("epochs", "num_samples", "grace_period", "reduction_factor", "workers_per_trial"):
         if int(settings[key]) < 1 or (key == "reduction_factor" and int(settings[key]) < 2):
-            raise SweepError(f"--{key.replace('_', '-')} must be >= {2 if key == 'reduction_factor' else 1}; "
-                             f"got {settings[key]}")
+            raise SweepError(
+                f"--{key.replace('_', '-')} must be >= {2 if key == 'reduction_factor' else 1}; got {settings[key]}"
+            )
     settings["grace_period"] = min(int(settings["grace_period"]), int(settings["epochs"]))
     if settings.get("cpus_per_worker") is not None and not float(settings["cpus_per_worker"]) > 0:
         raise SweepError(f"--cpus-per-worker must be > 0; got {settings['cpus_per_worker']}")
@@ -240,9 +360,13 @@ def sweep_place(spec: SweepSpec, args: argparse.Namespace) -> SweepPlace:
     storage = args.storage_path or D.default_storage_path()
     storage = storage.rstrip("/") if "://" in storage else os.path.abspath(os.path.expanduser(storage))
     name = args.name or D.default_sweep_name(spec.dataset, bool(args.smoke))
-    return SweepPlace(name=name, storage_path=storage, exp_path=join(storage, name),
-                      tracking_uri=absolute_tracking_uri(args.tracking_uri or uris.default_tracking_uri()),
-                      experiment=args.experiment or experiments.default_experiment(spec.dataset))
+    return SweepPlace(
+        name=name,
+        storage_path=storage,
+        exp_path=join(storage, name),
+        tracking_uri=absolute_tracking_uri(args.tracking_uri or uris.default_tracking_uri()),
+        experiment=args.experiment or experiments.default_experiment(spec.dataset),
+    )
 
 
 def join(base: str, *parts: str) -> str:

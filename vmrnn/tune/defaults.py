@@ -36,7 +36,8 @@ def default_storage_path() -> str:
 def smoke_cache_dir() -> str:
     """Where --smoke writes its synthetic data (reused by later smoke runs)."""
     base = os.environ.get("VMRNN_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vmrnn")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vmrnn"
+    )
     return os.path.join(base, "synthetic")
 
 

@@ -56,16 +56,27 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, log_to_d
         if root not in paths:
             os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
         # address="local": always a fresh instance, never an unrelated `ray start` found in /tmp/ray.
-        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                           dashboard_port=_dashboard_port(), log_to_driver=log_to_driver)
+        context = ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=_dashboard_port(),
+            log_to_driver=log_to_driver,
+        )
         mode = "local"
     res = ray.cluster_resources()
     dashboard = getattr(context, "dashboard_url", None) or None
     if dashboard and "://" not in dashboard:
         dashboard = f"http://{dashboard}"
     gcs = getattr(context, "address_info", {}).get("gcs_address") if context is not None else None
-    return ClusterInfo(mode=mode, address=str(gcs or address or "local"), dashboard_url=dashboard,
-                       cpus=float(res.get("CPU", 0.0)), gpus=float(res.get("GPU", 0.0)))
+    return ClusterInfo(
+        mode=mode,
+        address=str(gcs or address or "local"),
+        dashboard_url=dashboard,
+        cpus=float(res.get("CPU", 0.0)),
+        gpus=float(res.get("GPU", 0.0)),
+    )
 
 
 def _port_free(port: int) -> bool:
@@ -102,13 +113,23 @@ class TrialResources:
 
     def describe(self) -> str:
         per = ", ".join(f"{v:g} {k}" for k, v in self.per_worker.items())
-        return (f"{self.workers} worker(s) x ({per}) + {self.driver_cpus:g} CPU trial driver; "
-                f"{self.max_concurrent} trial(s) at a time")
+        return (
+            f"{self.workers} worker(s) x ({per}) + {self.driver_cpus:g} CPU trial driver; "
+            f"{self.max_concurrent} trial(s) at a time"
+        )
 
 
-def plan_resources(cluster: ClusterInfo, *, workers_per_trial: int, gpus_per_worker: float | None,
-                   cpus_per_worker: float | None, max_concurrent: int | None,
-                   num_samples: int, driver_cpus: float = 1.0, can_grow: bool = True) -> TrialResources:
+def plan_resources(
+    cluster: ClusterInfo,
+    *,
+    workers_per_trial: int,
+    gpus_per_worker: float | None,
+    cpus_per_worker: float | None,
+    max_concurrent: int | None,
+    num_samples: int,
+    driver_cpus: float = 1.0,
+    can_grow: bool = True,
+) -> TrialResources:
     """Per-trial resources and how many trials fit at once.
 
     GPUs: concurrency = floor(cluster GPUs / (gpus_per_worker x workers_per_trial)), also bounded by the
@@ -125,9 +146,11 @@ def plan_resources(cluster: ClusterInfo, *, workers_per_trial: int, gpus_per_wor
         gpus_per_worker = 1.0 if cluster.gpus >= 1 else 0.0
     use_gpu = gpus_per_worker > 0
     if use_gpu and cluster.gpus < gpus_per_worker * workers_per_trial:
-        raise ValueError(f"a trial needs {gpus_per_worker * workers_per_trial:g} GPU(s) "
-                         f"({workers_per_trial} worker(s) x {gpus_per_worker:g}) but the cluster has "
-                         f"{cluster.gpus:g}; pass --gpus-per-worker 0 to train on CPUs")
+        raise ValueError(
+            f"a trial needs {gpus_per_worker * workers_per_trial:g} GPU(s) "
+            f"({workers_per_trial} worker(s) x {gpus_per_worker:g}) but the cluster has "
+            f"{cluster.gpus:g}; pass --gpus-per-worker 0 to train on CPUs"
+        )
     if cpus_per_worker is None:
         cpus_per_worker = 1.0 if use_gpu else 0.5
     per_worker: dict[str, float] = {"CPU": float(cpus_per_worker)}
@@ -135,9 +158,11 @@ def plan_resources(cluster: ClusterInfo, *, workers_per_trial: int, gpus_per_wor
         per_worker["GPU"] = float(gpus_per_worker)
     cpu_per_trial = driver_cpus + cpus_per_worker * workers_per_trial
     if cluster.cpus < cpu_per_trial:
-        raise ValueError(f"a trial needs {cpu_per_trial:g} CPU(s) ({driver_cpus:g} for its driver + "
-                         f"{workers_per_trial} worker(s) x {cpus_per_worker:g}) but the cluster has "
-                         f"{cluster.cpus:g}; lower --workers-per-trial, --cpus-per-worker or --trial-cpus")
+        raise ValueError(
+            f"a trial needs {cpu_per_trial:g} CPU(s) ({driver_cpus:g} for its driver + "
+            f"{workers_per_trial} worker(s) x {cpus_per_worker:g}) but the cluster has "
+            f"{cluster.cpus:g}; lower --workers-per-trial, --cpus-per-worker or --trial-cpus"
+        )
     fits = math.floor(cluster.cpus / cpu_per_trial + 1e-9)
     if use_gpu:
         fits = min(fits, math.floor(cluster.gpus / (gpus_per_worker * workers_per_trial) + 1e-9))
@@ -146,10 +171,18 @@ def plan_resources(cluster: ClusterInfo, *, workers_per_trial: int, gpus_per_wor
         if max_concurrent < 1:
             raise ValueError(f"--max-concurrent must be >= 1; got {max_concurrent}")
         if max_concurrent > fits and not can_grow:
-            note = (f"--max-concurrent {max_concurrent}: this Ray has {cluster.cpus:g} CPU / {cluster.gpus:g} GPU "
-                    f"and cannot grow, so {max(1, fits)} trial(s) run at a time (each needs {cpu_per_trial:g} "
-                    "CPUs); the others wait in Tune's queue")
+            note = (
+                f"--max-concurrent {max_concurrent}: this Ray has {cluster.cpus:g} CPU / {cluster.gpus:g} GPU "
+                f"and cannot grow, so {max(1, fits)} trial(s) run at a time (each needs {cpu_per_trial:g} "
+                "CPUs); the others wait in Tune's queue"
+            )
         else:
             fits = max_concurrent
-    return TrialResources(workers=workers_per_trial, use_gpu=use_gpu, per_worker=per_worker,
-                          driver_cpus=driver_cpus, max_concurrent=max(1, min(fits, num_samples)), note=note)
+    return TrialResources(
+        workers=workers_per_trial,
+        use_gpu=use_gpu,
+        per_worker=per_worker,
+        driver_cpus=driver_cpus,
+        max_concurrent=max(1, min(fits, num_samples)),
+        note=note,
+    )

@@ -19,9 +19,9 @@ from vmrnn.data.registry import get_dataset
 from vmrnn.data.remote import is_remote
 from vmrnn.data.synth import MARKER, write_synthetic
 from vmrnn.models import ConfigError, model_config
-from vmrnn.train.config import TrainConfig, TrainConfigError, apply_overrides
 from vmrnn.tracking.tags import SECRET_RE
 from vmrnn.tracking.uris import TrackingUnavailable, check_reachable, configure_client_env
+from vmrnn.train.config import TrainConfig, TrainConfigError, apply_overrides
 from vmrnn.tune import defaults as D
 from vmrnn.tune import spaces
 from vmrnn.tune.args import SWEEP_OWNED, SweepError, SweepPlace
@@ -50,9 +50,11 @@ def check_tracking(place: SweepPlace, args: argparse.Namespace) -> None:
     except TrackingUnavailable as exc:
         raise SweepError(str(exc)) from None
     if not args.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI") and "working_dir_files" in os.getcwd():
-        log.warning("warning: no --tracking-uri under `ray job submit`: MLflow writes to %s, inside the job's "
-                    "temporary working dir on the head node; pass --tracking-uri to keep the results",
-                    place.tracking_uri)
+        log.warning(
+            "warning: no --tracking-uri under `ray job submit`: MLflow writes to %s, inside the job's "
+            "temporary working dir on the head node; pass --tracking-uri to keep the results",
+            place.tracking_uri,
+        )
 
 
 def check_sweep(spec: SweepSpec, args: argparse.Namespace, settings: dict[str, Any]) -> Checked:
@@ -62,14 +64,17 @@ def check_sweep(spec: SweepSpec, args: argparse.Namespace, settings: dict[str, A
     try:
         spaces.validate(space, official, settings["preset"])
     except Exception as exc:
-        raise SweepError(f"the search space of {spec.dataset} cannot be trained with preset "
-                         f"{settings['preset']!r}: {exc}") from None
+        raise SweepError(
+            f"the search space of {spec.dataset} cannot be trained with preset {settings['preset']!r}: {exc}"
+        ) from None
     data_dir = settings["data_dir"]
     if smoke and data_dir == D.smoke_data_dir(spec.dataset):  # --smoke without --data-dir: synthetic data
         prepare_smoke_data(spec.dataset, data_dir)
     elif not is_remote(data_dir) and not os.path.isdir(data_dir):  # s3:// etc. are read by check_data
-        raise SweepError(f"data directory {data_dir} does not exist: pass --data-dir (the "
-                         f"dataset root in its published layout), or --smoke for synthetic data")
+        raise SweepError(
+            f"data directory {data_dir} does not exist: pass --data-dir (the "
+            f"dataset root in its published layout), or --smoke for synthetic data"
+        )
     check_data(spec.dataset, data_dir)
     check_official_config(spec.dataset, settings, official)
     points, point_notes = extra_points(settings.get("points") or [], space, official, settings["preset"])
@@ -80,10 +85,13 @@ def check_sweep(spec: SweepSpec, args: argparse.Namespace, settings: dict[str, A
     if not (args.address or os.environ.get("RAY_ADDRESS")):
         check_local_gpus(settings)
     if args.address and args.address.startswith(("http://", "https://")):
-        raise SweepError(f"--address {args.address} is a dashboard / job-server URL; give the cluster's GCS "
-                         "address (host:6379), 'auto', or submit the script with `ray job submit`")
-    return Checked(space=space, official=official, points=points, point_notes=point_notes, overrides=overrides,
-                   eval_data=eval_data)
+        raise SweepError(
+            f"--address {args.address} is a dashboard / job-server URL; give the cluster's GCS "
+            "address (host:6379), 'auto', or submit the script with `ray job submit`"
+        )
+    return Checked(
+        space=space, official=official, points=points, point_notes=point_notes, overrides=overrides, eval_data=eval_data
+    )
 
 
 def prepare_smoke_data(dataset: str, data_dir: str) -> str:
@@ -108,7 +116,7 @@ def check_data(dataset: str, data_dir: str) -> None:
 
 
 def data_kind(dataset: str, data_dir: str) -> str:
-    """"synthetic" when data_dir holds vmrnn's synthetic stand-in (its marker file), else "real": what the
+    """ "synthetic" when data_dir holds vmrnn's synthetic stand-in (its marker file), else "real": what the
     registry compares champions on (a model validated on synthetic data never replaces a real one)."""
     folder = os.path.join(data_dir, get_dataset(dataset).folder)
     return "synthetic" if os.path.isfile(os.path.join(folder, MARKER)) else "real"
@@ -119,14 +127,23 @@ def check_official_config(dataset: str, settings: dict[str, Any], official: dict
     other frames (e.g. --preset mmnist-tiny on taxibj) is refused here rather than failing each trial."""
     train, model = spaces.split_params(dict(official))
     try:
-        TrainConfig.from_dict({**train, "dataset": dataset, "data_dir": settings["data_dir"],
-                               "preset": settings["preset"], "model": model, "tracking": False}).resolved()
+        TrainConfig.from_dict(
+            {
+                **train,
+                "dataset": dataset,
+                "data_dir": settings["data_dir"],
+                "preset": settings["preset"],
+                "model": model,
+                "tracking": False,
+            }
+        ).resolved()
     except ConfigError as exc:
         raise SweepError(f"the sweep cannot train {dataset} with preset {settings['preset']!r}: {exc}") from None
 
 
-def extra_points(points: list[dict[str, Any]], space: dict[str, Any], official: dict[str, Any],
-                 preset: str) -> tuple[list[dict[str, Any]], list[str]]:
+def extra_points(
+    points: list[dict[str, Any]], space: dict[str, Any], official: dict[str, Any], preset: str
+) -> tuple[list[dict[str, Any]], list[str]]:
     """--point configurations completed from the official point and checked; also the notes on values
     outside the space (allowed for numbers; a categorical value must be one of its choices)."""
     out, notes = [], []
@@ -149,8 +166,9 @@ def extra_points(points: list[dict[str, Any]], space: dict[str, Any], official: 
     return out, notes
 
 
-def sweep_overrides(settings: dict[str, Any], space: dict[str, Any], official: dict[str, Any],
-                    register: bool) -> dict[str, Any]:
+def sweep_overrides(
+    settings: dict[str, Any], space: dict[str, Any], official: dict[str, Any], register: bool
+) -> dict[str, Any]:
     """`--set` options as a partial training config (checked here, before Ray starts)."""
     items = list(settings.get("overrides") or [])
     if not items:
@@ -158,8 +176,10 @@ def sweep_overrides(settings: dict[str, Any], space: dict[str, Any], official: d
     # The sweep's settings are logged as params of the parent run: no secret may be among them.
     secret = [item.split("=", 1)[0] for item in items if SECRET_RE.search(item.split("=", 1)[0])]
     if secret:
-        raise SweepError(f"--set {', '.join(secret)}: a secret-looking option would be logged with the sweep's "
-                         "settings; pass secrets through the environment instead")
+        raise SweepError(
+            f"--set {', '.join(secret)}: a secret-looking option would be logged with the sweep's "
+            "settings; pass secrets through the environment instead"
+        )
     try:
         given = apply_overrides({}, items)
     except TrainConfigError as exc:
@@ -168,14 +188,24 @@ def sweep_overrides(settings: dict[str, Any], space: dict[str, Any], official: d
     owned = [k for k in given if k in SWEEP_OWNED or k in train]
     owned += [f"model.{k}" for k in (given.get("model") or {}) if k in model]
     if owned:
-        raise SweepError(f"--set {', '.join(owned)}: the sweep sets these itself (searched keys, or "
-                         f"{', '.join(SWEEP_OWNED)}); use the sweep's own flags")
+        raise SweepError(
+            f"--set {', '.join(owned)}: the sweep sets these itself (searched keys, or "
+            f"{', '.join(SWEEP_OWNED)}); use the sweep's own flags"
+        )
     if given.get("log_model") is False and register:
-        raise SweepError("--set log_model=false leaves the best trial without a model to register: add "
-                         "--no-register, or drop it")
+        raise SweepError(
+            "--set log_model=false leaves the best trial without a model to register: add --no-register, or drop it"
+        )
     try:
-        TrainConfig.from_dict({**given, "dataset": settings["dataset"], "data_dir": settings["data_dir"],
-                               "preset": settings["preset"], "tracking": False})
+        TrainConfig.from_dict(
+            {
+                **given,
+                "dataset": settings["dataset"],
+                "data_dir": settings["data_dir"],
+                "preset": settings["preset"],
+                "tracking": False,
+            }
+        )
     except ValueError as exc:
         raise SweepError(f"--set: {exc}") from None
     return given
@@ -189,6 +219,8 @@ def check_local_gpus(settings: dict[str, Any]) -> None:
         return
     need, have = float(gpus) * int(settings["workers_per_trial"]), torch.cuda.device_count()
     if need > have:
-        raise SweepError(f"a trial needs {need:g} GPU(s) ({settings['workers_per_trial']} worker(s) x "
-                         f"{float(gpus):g}) but this machine has {have}; pass --gpus-per-worker 0 to train "
-                         "on CPUs")
+        raise SweepError(
+            f"a trial needs {need:g} GPU(s) ({settings['workers_per_trial']} worker(s) x "
+            f"{float(gpus):g}) but this machine has {have}; pass --gpus-per-worker 0 to train "
+            "on CPUs"
+        )

@@ -9,10 +9,10 @@ from typing import Any
 
 from ray.tune import Callback
 
+from vmrnn.tracking.sweeps import SweepTracker
 from vmrnn.tune import defaults as D
 from vmrnn.tune.results import status_of_trial, trial_status
 from vmrnn.tune.scheduler import epochs_done
-from vmrnn.tracking.sweeps import SweepTracker
 from vmrnn.tune.values import finite_float
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,13 @@ class ProgressTable(Callback):
             best = trial_best(t)
             if best is not None and (best_all is None or best < best_all[0]):
                 best_all = (best, t.trial_id)
-            rows.append(f"  {t.trial_id:<10} {status:<9} {(f'{int(epoch)}/{self.epochs}' if epoch else '-'):>7} "
-                        f"{_fmt(finite_float(last.get(D.METRIC)))} {_fmt(best)}")
-        head = (f"[sweep {time.strftime('%H:%M:%S')}] {len(trials)}/{self.num_samples} trials: "
-                + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())))
+            rows.append(
+                f"  {t.trial_id:<10} {status:<9} {(f'{int(epoch)}/{self.epochs}' if epoch else '-'):>7} "
+                f"{_fmt(finite_float(last.get(D.METRIC)))} {_fmt(best)}"
+            )
+        head = f"[sweep {time.strftime('%H:%M:%S')}] {len(trials)}/{self.num_samples} trials: " + ", ".join(
+            f"{n} {s.lower()}" for s, n in sorted(counts.items())
+        )
         lines = [head, f"  {'trial':<10} {'status':<9} {'epoch':>7} {'val_mse':>10} {'best':>10}", *rows]
         if best_all is not None:
             lines.append(f"  best so far: val_mse {best_all[0]:.5g} (trial {best_all[1]})")
@@ -146,9 +149,14 @@ class TrialStatusToMLflow(Callback):
         try:
             if self._tracker is None:
                 self._tracker = SweepTracker(self.tracking_uri, self.experiment)
-            self._tracker.mark_trial(sweep=self.sweep, trial_id=trial.trial_id, status=status,
-                                     parent_run_id=self.parent_run_id, error=error,
-                                     params=dict(trial.config or {}))
+            self._tracker.mark_trial(
+                sweep=self.sweep,
+                trial_id=trial.trial_id,
+                status=status,
+                parent_run_id=self.parent_run_id,
+                error=error,
+                params=dict(trial.config or {}),
+            )
         except Exception as exc:  # never let bookkeeping stop the sweep
             log.warning("could not record trial %s as %s in MLflow: %s", trial.trial_id, status, exc)
 

@@ -9,14 +9,15 @@ from collections.abc import Iterable
 from typing import Any
 
 from vmrnn.tracking import tags
+from vmrnn.tracking.sweeps import SweepTracker, TrialRow
 from vmrnn.tune import defaults as D
 from vmrnn.tune.scheduler import epochs_done
-from vmrnn.tracking.sweeps import SweepTracker, TrialRow
 from vmrnn.tune.values import finite_float
 
 
-def trial_status(result: dict[str, Any] | None, epochs: int, *, failed: bool = False, ended: bool = False,
-                 started: bool = False) -> str:
+def trial_status(
+    result: dict[str, Any] | None, epochs: int, *, failed: bool = False, ended: bool = False, started: bool = False
+) -> str:
     """Our status of a trial: FAILED on an error; once it ended, FINISHED after its last epoch, else
     PRUNED (ASHA stopped it: Tune ends those as TERMINATED with done=True too, so only the epoch of its
     last `result` tells them apart); RUNNING once started; else PENDING."""
@@ -31,8 +32,13 @@ def trial_status(result: dict[str, Any] | None, epochs: int, *, failed: bool = F
 def status_of_trial(trial: Any, epochs: int) -> str:
     """The status of a live Tune `Trial` (what the driver's callbacks see)."""
     status = getattr(trial, "status", "PENDING")
-    return trial_status(trial.last_result, epochs, failed=status == "ERROR", ended=status == "TERMINATED",
-                        started=status in ("RUNNING", "PAUSED"))
+    return trial_status(
+        trial.last_result,
+        epochs,
+        failed=status == "ERROR",
+        ended=status == "TERMINATED",
+        started=status in ("RUNNING", "PAUSED"),
+    )
 
 
 def status_of_result(result: Any, epochs: int) -> str:
@@ -40,9 +46,13 @@ def status_of_result(result: Any, epochs: int) -> str:
     that is interrupted again) has metrics but no done flag: RUNNING, unless it reached its last epoch."""
     metrics = dict(result.metrics or {})
     done = epochs_done(metrics)
-    return trial_status(metrics, epochs, failed=result.error is not None,
-                        ended=bool(metrics.get("done")) or (done is not None and done >= epochs),
-                        started=bool(metrics))
+    return trial_status(
+        metrics,
+        epochs,
+        failed=result.error is not None,
+        ended=bool(metrics.get("done")) or (done is not None and done >= epochs),
+        started=bool(metrics),
+    )
 
 
 def _trial_id_from_path(path: str) -> str:
@@ -64,8 +74,9 @@ def _history(df) -> tuple[list[tuple[int, float]], dict[str, float]]:
     finite = df[df[D.METRIC].notna()]
     if len(finite):
         best_row = finite.loc[finite[D.METRIC].idxmin()]
-        best_epoch_metrics = {k: float(best_row[k]) for k in D.REPORTED_METRICS
-                              if k in best_row and finite_float(best_row[k]) is not None}
+        best_epoch_metrics = {
+            k: float(best_row[k]) for k in D.REPORTED_METRICS if k in best_row and finite_float(best_row[k]) is not None
+        }
         best_epoch_metrics[D.TIME_ATTR] = float(best_row.get(D.TIME_ATTR, 0) or 0)
     return history, best_epoch_metrics
 
@@ -78,13 +89,18 @@ def rows_from_results(grid: Iterable, epochs: int, tracker: SweepTracker, sweep:
         metrics = dict(result.metrics or {})
         trial_id = metrics.get("trial_id") or _trial_id_from_path(str(result.path))
         history, best_epoch_metrics = _history(result.metrics_dataframe)
-        row = TrialRow(trial_id=trial_id, status=status_of_result(result, epochs), params=dict(result.config or {}),
-                       epochs_done=epochs_done(metrics) or 0,
-                       best_val_mse=min((v for _, v in history), default=None),
-                       best_epoch=int(best_epoch_metrics[D.TIME_ATTR]) + 1 if best_epoch_metrics else None,
-                       last={k: metrics[k] for k in D.REPORTED_METRICS if k in metrics},
-                       history=history, best_metrics=best_epoch_metrics,
-                       error=(f"{type(result.error).__name__}: {result.error}" if result.error else None))
+        row = TrialRow(
+            trial_id=trial_id,
+            status=status_of_result(result, epochs),
+            params=dict(result.config or {}),
+            epochs_done=epochs_done(metrics) or 0,
+            best_val_mse=min((v for _, v in history), default=None),
+            best_epoch=int(best_epoch_metrics[D.TIME_ATTR]) + 1 if best_epoch_metrics else None,
+            last={k: metrics[k] for k in D.REPORTED_METRICS if k in metrics},
+            history=history,
+            best_metrics=best_epoch_metrics,
+            error=(f"{type(result.error).__name__}: {result.error}" if result.error else None),
+        )
         run = tracker.find_trial_run(sweep, trial_id)
         row.mlflow_run_id = run.info.run_id if run else None
         row.model_uri = run.data.tags.get(tags.TAG_MODEL_URI) if run else None

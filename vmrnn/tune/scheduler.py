@@ -27,10 +27,17 @@ def epochs_done(result: dict[str, Any] | None) -> int | None:
 
 
 class EpochASHA(ASHAScheduler):
-    def __init__(self, *, epochs: int, grace_period: int, reduction_factor: float,
-                 metric: str = D.METRIC, mode: str = D.MODE):
-        super().__init__(time_attr=D.TIME_ATTR, metric=metric, mode=mode, max_t=epochs,
-                         grace_period=grace_period, reduction_factor=reduction_factor)
+    def __init__(
+        self, *, epochs: int, grace_period: int, reduction_factor: float, metric: str = D.METRIC, mode: str = D.MODE
+    ):
+        super().__init__(
+            time_attr=D.TIME_ATTR,
+            metric=metric,
+            mode=mode,
+            max_t=epochs,
+            grace_period=grace_period,
+            reduction_factor=reduction_factor,
+        )
         self.epochs = epochs
 
     @staticmethod

@@ -88,8 +88,9 @@ def official_point(dataset: str, keys: Iterable[str], preset: str | None = None)
         elif key in MODEL_KEYS:
             out[key] = getattr(model, key)
         else:
-            raise KeyError(f"search-space key {key!r} is neither a training option {TRAIN_KEYS} "
-                           f"nor a model option {MODEL_KEYS}")
+            raise KeyError(
+                f"search-space key {key!r} is neither a training option {TRAIN_KEYS} nor a model option {MODEL_KEYS}"
+            )
     return out
 
 
@@ -116,8 +117,9 @@ def split_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
         elif key in TRAIN_KEYS:
             train[key] = value
         else:
-            raise KeyError(f"search-space key {key!r} is neither a training option {TRAIN_KEYS} "
-                           f"nor a model option {MODEL_KEYS}")
+            raise KeyError(
+                f"search-space key {key!r} is neither a training option {TRAIN_KEYS} nor a model option {MODEL_KEYS}"
+            )
     return train, model
 
 
@@ -156,14 +158,12 @@ def validate(space: dict[str, Domain], official: dict[str, Any], preset: str) ->
     from vmrnn.models.config import model_config
 
     if set(space) != set(official):
-        raise ValueError(f"the official point's keys {sorted(official)} differ from the space's "
-                         f"{sorted(space)}")
+        raise ValueError(f"the official point's keys {sorted(official)} differ from the space's {sorted(space)}")
     for key, domain in space.items():
         split_params({key: official[key]})  # known key
         if not contains(domain, official[key]):
             raise ValueError(f"the official value {key}={official[key]!r} is outside {describe(domain)}")
-    choices = {k: list(d.categories) for k, d in space.items()
-               if k in MODEL_KEYS and isinstance(d, Categorical)}
+    choices = {k: list(d.categories) for k, d in space.items() if k in MODEL_KEYS and isinstance(d, Categorical)}
     fixed = {k: official[k] for k in space if k in MODEL_KEYS and k not in choices}
     names = list(choices)
     for combo in itertools.islice(itertools.product(*(choices[n] for n in names)), 5000):

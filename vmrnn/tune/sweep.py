@@ -16,6 +16,7 @@ import time
 from ray import tune
 
 from vmrnn.tracking import tags
+from vmrnn.tracking.sweeps import SweepTracker
 from vmrnn.tune import defaults as D
 from vmrnn.tune import local_ray, spaces
 from vmrnn.tune.args import SweepError, SweepPlace, build_parser, resolve_settings, settings_params, sweep_place
@@ -23,7 +24,6 @@ from vmrnn.tune.local_ray import ClusterInfo, TrialResources
 from vmrnn.tune.preflight import Checked, check_sweep, check_tracking
 from vmrnn.tune.spaces import SweepSpec
 from vmrnn.tune.summary import SweepOutcome, finish
-from vmrnn.tracking.sweeps import SweepTracker
 from vmrnn.tune.tuner import build_tuner, trial_setup
 
 log = logging.getLogger("vmrnn.tune")
@@ -62,10 +62,15 @@ def run_sweep(spec: SweepSpec, args: argparse.Namespace) -> SweepOutcome:
     try:
         try:
             resources = local_ray.plan_resources(
-                cluster, workers_per_trial=int(settings["workers_per_trial"]),
-                gpus_per_worker=settings["gpus_per_worker"], cpus_per_worker=settings["cpus_per_worker"],
-                max_concurrent=args.max_concurrent, num_samples=int(settings["num_samples"]),
-                driver_cpus=float(settings["trial_cpus"]), can_grow=cluster.mode != "local")
+                cluster,
+                workers_per_trial=int(settings["workers_per_trial"]),
+                gpus_per_worker=settings["gpus_per_worker"],
+                cpus_per_worker=settings["cpus_per_worker"],
+                max_concurrent=args.max_concurrent,
+                num_samples=int(settings["num_samples"]),
+                driver_cpus=float(settings["trial_cpus"]),
+                can_grow=cluster.mode != "local",
+            )
         except ValueError as exc:
             raise SweepError(str(exc)) from None
         parent_id, created = open_parent_run(tracker, spec.dataset, place, settings, checked)
@@ -75,14 +80,35 @@ def run_sweep(spec: SweepSpec, args: argparse.Namespace) -> SweepOutcome:
         if can_restore and args.max_concurrent is not None:
             print("  note: --max-concurrent is fixed when a sweep starts; ignored when resuming", flush=True)
         if not can_restore and not created:
-            print(f"  note: MLflow has sweep {place.name!r} but Tune has no state at {place.exp_path} (the driver "
-                  "stopped before Tune saved any); starting its trials afresh under the same parent run", flush=True)
-        tuner = build_tuner(setup, place, settings, checked, resources, parent_id, restore=can_restore,
-                            retry_errored=bool(args.retry_errored))
+            print(
+                f"  note: MLflow has sweep {place.name!r} but Tune has no state at {place.exp_path} (the driver "
+                "stopped before Tune saved any); starting its trials afresh under the same parent run",
+                flush=True,
+            )
+        tuner = build_tuner(
+            setup,
+            place,
+            settings,
+            checked,
+            resources,
+            parent_id,
+            restore=can_restore,
+            retry_errored=bool(args.retry_errored),
+        )
         grid = tuner.fit()
-        return finish(grid, dataset=spec.dataset, place=place, settings=settings, tracker=tracker,
-                      parent_id=parent_id, space=checked.space, setup=setup, eval_data=checked.eval_data,
-                      register=not args.no_register, t_start=t_start)
+        return finish(
+            grid,
+            dataset=spec.dataset,
+            place=place,
+            settings=settings,
+            tracker=tracker,
+            parent_id=parent_id,
+            space=checked.space,
+            setup=setup,
+            eval_data=checked.eval_data,
+            register=not args.no_register,
+            t_start=t_start,
+        )
     except BaseException as exc:
         if parent_id is not None:
             interrupted = isinstance(exc, KeyboardInterrupt)
@@ -96,57 +122,102 @@ def run_sweep(spec: SweepSpec, args: argparse.Namespace) -> SweepOutcome:
         local_ray.shutdown_if_local(cluster)
 
 
-def open_parent_run(tracker: SweepTracker, dataset: str, place: SweepPlace, settings: dict,
-                    checked: Checked) -> tuple[str, bool]:
+def open_parent_run(
+    tracker: SweepTracker, dataset: str, place: SweepPlace, settings: dict, checked: Checked
+) -> tuple[str, bool]:
     """The sweep's parent run, created or found again (resume), with the settings and the space as params
     (what a resumed sweep reads back). Returns (run_id, created)."""
-    parent_id, created = tracker.get_or_create_parent(place.name, tags={
-        tags.TAG_DATASET: dataset, tags.TAG_EVAL_DATA: checked.eval_data,
-        "mlflow.note.content": f"VMRNN sweep `{place.name}` on {dataset}: Optuna TPE + ASHA on "
-                               f"{D.METRIC}; one child run per trial."})
+    parent_id, created = tracker.get_or_create_parent(
+        place.name,
+        tags={
+            tags.TAG_DATASET: dataset,
+            tags.TAG_EVAL_DATA: checked.eval_data,
+            "mlflow.note.content": f"VMRNN sweep `{place.name}` on {dataset}: Optuna TPE + ASHA on "
+            f"{D.METRIC}; one child run per trial.",
+        },
+    )
     params = settings_params(settings)
     params.update(spaces.space_params(checked.space, checked.official))
-    params.update({"metric": D.METRIC, "mode": D.MODE, "searcher": "optuna.TPESampler",
-                   "scheduler": f"ASHA(time_attr={D.TIME_ATTR})"})
+    params.update(
+        {
+            "metric": D.METRIC,
+            "mode": D.MODE,
+            "searcher": "optuna.TPESampler",
+            "scheduler": f"ASHA(time_attr={D.TIME_ATTR})",
+        }
+    )
     conflicts = tracker.log_params_once(parent_id, params)
     if conflicts:
-        log.warning("sweep %s: params differ from the ones logged when it started (kept the old): %s",
-                    place.name, conflicts)
+        log.warning(
+            "sweep %s: params differ from the ones logged when it started (kept the old): %s", place.name, conflicts
+        )
     tracker.client.set_tag(parent_id, tags.TAG_TUNE_PATH, place.exp_path)
     if created:
-        tracker.log_json(parent_id, {k: spaces.describe(v) for k, v in checked.space.items()},
-                         "sweep/search_space.json")
+        tracker.log_json(
+            parent_id, {k: spaces.describe(v) for k, v in checked.space.items()}, "sweep/search_space.json"
+        )
         tracker.log_json(parent_id, checked.official, "sweep/official_config.json")
     return parent_id, created
 
 
-def print_plan(dataset: str, place: SweepPlace, settings: dict, checked: Checked, cluster: ClusterInfo,
-               resources: TrialResources, args: argparse.Namespace, parent_id: str, created: bool,
-               can_restore: bool) -> None:
+def print_plan(
+    dataset: str,
+    place: SweepPlace,
+    settings: dict,
+    checked: Checked,
+    cluster: ClusterInfo,
+    resources: TrialResources,
+    args: argparse.Namespace,
+    parent_id: str,
+    created: bool,
+    can_restore: bool,
+) -> None:
     """What the sweep is about to run, and where its results go."""
     smoke = bool(settings["smoke"])
-    print(f"sweep {place.name}: {dataset}, preset {settings['preset']}, {settings['num_samples']} trials "
-          f"x {settings['epochs']} epochs (ASHA grace {settings['grace_period']}, "
-          f"reduction {settings['reduction_factor']}){' [' + checked.eval_data + ' data]' if smoke else ''}",
-          flush=True)
-    print(f"  Ray: {cluster.mode} ({cluster.cpus:g} CPU, {cluster.gpus:g} GPU)"
-          f"{', dashboard ' + cluster.dashboard_url if cluster.dashboard_url else ''}; "
-          f"per trial: {resources.describe()}", flush=True)
+    print(
+        f"sweep {place.name}: {dataset}, preset {settings['preset']}, {settings['num_samples']} trials "
+        f"x {settings['epochs']} epochs (ASHA grace {settings['grace_period']}, "
+        f"reduction {settings['reduction_factor']}){' [' + checked.eval_data + ' data]' if smoke else ''}",
+        flush=True,
+    )
+    print(
+        f"  Ray: {cluster.mode} ({cluster.cpus:g} CPU, {cluster.gpus:g} GPU)"
+        f"{', dashboard ' + cluster.dashboard_url if cluster.dashboard_url else ''}; "
+        f"per trial: {resources.describe()}",
+        flush=True,
+    )
     if resources.note:
         print(f"  note: {resources.note}", flush=True)
-    elif args.max_concurrent is not None and cluster.mode != "local" and \
-            resources.max_concurrent > local_ray.plan_resources(
-                cluster, workers_per_trial=resources.workers, gpus_per_worker=settings["gpus_per_worker"],
-                cpus_per_worker=settings["cpus_per_worker"], max_concurrent=None,
-                num_samples=int(settings["num_samples"]),
-                driver_cpus=float(settings["trial_cpus"])).max_concurrent:
-        print(f"  note: --max-concurrent {args.max_concurrent} is more than the cluster fits now: the "
-              "extra trials wait for the autoscaler to add nodes (on a cluster that cannot grow they "
-              "wait until the worker-group start timeout; lower --max-concurrent there)", flush=True)
-    print(f"  MLflow: {place.tracking_uri} experiment {place.experiment!r}, parent run {parent_id}"
-          f"{' (resumed)' if not created else ''}", flush=True)
+    elif (
+        args.max_concurrent is not None
+        and cluster.mode != "local"
+        and resources.max_concurrent
+        > local_ray.plan_resources(
+            cluster,
+            workers_per_trial=resources.workers,
+            gpus_per_worker=settings["gpus_per_worker"],
+            cpus_per_worker=settings["cpus_per_worker"],
+            max_concurrent=None,
+            num_samples=int(settings["num_samples"]),
+            driver_cpus=float(settings["trial_cpus"]),
+        ).max_concurrent
+    ):
+        print(
+            f"  note: --max-concurrent {args.max_concurrent} is more than the cluster fits now: the "
+            "extra trials wait for the autoscaler to add nodes (on a cluster that cannot grow they "
+            "wait until the worker-group start timeout; lower --max-concurrent there)",
+            flush=True,
+        )
+    print(
+        f"  MLflow: {place.tracking_uri} experiment {place.experiment!r}, parent run {parent_id}"
+        f"{' (resumed)' if not created else ''}",
+        flush=True,
+    )
     print(f"  Tune state: {place.exp_path}{' (resuming)' if can_restore else ''}", flush=True)
     for point in checked.points:
         given = {k: v for k, v in point.items() if checked.official.get(k) != v}
-        print(f"  extra point: {given or 'the official configuration again'}"
-              f"{' (' + '; '.join(checked.point_notes) + ')' if checked.point_notes else ''}", flush=True)
+        print(
+            f"  extra point: {given or 'the official configuration again'}"
+            f"{' (' + '; '.join(checked.point_notes) + ')' if checked.point_notes else ''}",
+            flush=True,
+        )

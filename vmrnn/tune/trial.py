@@ -12,10 +12,9 @@ from typing import Any
 from ray import tune
 
 from vmrnn.tracking import tags
-from vmrnn.train.config import TrainConfig
-from vmrnn.tune import defaults as D
-from vmrnn.tune.spaces import split_params
 from vmrnn.tracking.sweeps import run_key
+from vmrnn.train.config import TrainConfig
+from vmrnn.tune.spaces import split_params
 
 
 @dataclass(frozen=True)
@@ -43,8 +42,13 @@ def trial_train_config(setup: TrialSetup, params: dict[str, Any], trial_id: str)
     d["model"] = {**dict(setup.base.get("model") or {}), **model}
     d["run_key"] = run_key(setup.sweep, trial_id)
     d["run_name"] = f"{setup.sweep}-{trial_id}"
-    d["tags"] = {**dict(setup.base.get("tags") or {}), **setup.tags, tags.TAG_SWEEP: setup.sweep,
-                 tags.TAG_ROLE: tags.ROLE_TRIAL, tags.TAG_TRIAL_ID: trial_id}
+    d["tags"] = {
+        **dict(setup.base.get("tags") or {}),
+        **setup.tags,
+        tags.TAG_SWEEP: setup.sweep,
+        tags.TAG_ROLE: tags.ROLE_TRIAL,
+        tags.TAG_TRIAL_ID: trial_id,
+    }
     return TrainConfig.from_dict(d)
 
 
@@ -63,13 +67,20 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     # Same name and storage on a restart (a resumed sweep): Ray Train V2 picks up the run's latest
     # checkpoint, and the training layer continues the same MLflow run (run_key).
     run_config = ray.train.RunConfig(
-        name=f"train-{trial_id}", storage_path=setup.train_storage_path,
+        name=f"train-{trial_id}",
+        storage_path=setup.train_storage_path,
         failure_config=ray.train.FailureConfig(max_failures=setup.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        callbacks=[TuneReportCallback()])
-    trainer = build_trainer(cfg, num_workers=setup.num_workers, use_gpu=setup.use_gpu,
-                            resources_per_worker=dict(setup.resources_per_worker), run_config=run_config,
-                            threads_per_worker=setup.threads_per_worker)
+        callbacks=[TuneReportCallback()],
+    )
+    trainer = build_trainer(
+        cfg,
+        num_workers=setup.num_workers,
+        use_gpu=setup.use_gpu,
+        resources_per_worker=dict(setup.resources_per_worker),
+        run_config=run_config,
+        threads_per_worker=setup.threads_per_worker,
+    )
     result = trainer.fit()
     error = getattr(result, "error", None)
     if error is not None:  # a Train failure must fail the trial, not end it as if it finished

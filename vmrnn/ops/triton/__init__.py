@@ -14,6 +14,7 @@ from torch import Tensor
 
 try:
     import triton  # noqa: F401  (only to learn whether it is installed)
+
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - depends on the machine
     HAS_TRITON = False
@@ -45,8 +46,10 @@ def _patch_interpreter() -> None:
 def require_triton(t: Tensor) -> None:
     """Raise unless the kernels can run on `t`'s device (and ready the interpreter on CPU)."""
     if not triton_usable(t):
-        raise RuntimeError("the Triton SS2D scan needs CUDA tensors (or TRITON_INTERPRET=1 set before "
-                           "triton is imported, to interpret it on CPU)")
+        raise RuntimeError(
+            "the Triton SS2D scan needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+            "triton is imported, to interpret it on CPU)"
+        )
     if interpreting():
         _patch_interpreter()
 

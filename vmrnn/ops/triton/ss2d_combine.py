@@ -10,8 +10,19 @@ from vmrnn.ops.triton import require_triton
 
 
 @triton.jit
-def _ss2d_combine_kernel(loc_ptr, sdt_ptr, a_ptr, out_ptr, D, NSEG, OUT_B_STRIDE, OUT_SEG_STRIDE,
-                         N: tl.constexpr, BD: tl.constexpr, REVERSE: tl.constexpr):
+def _ss2d_combine_kernel(
+    loc_ptr,
+    sdt_ptr,
+    a_ptr,
+    out_ptr,
+    D,
+    NSEG,
+    OUT_B_STRIDE,
+    OUT_SEG_STRIDE,
+    N: tl.constexpr,
+    BD: tl.constexpr,
+    REVERSE: tl.constexpr,
+):
     """The short sequential pass of the chunk-parallel scan, one program per (batch*4+k, D block).
 
     Segment seg maps a carry-in x to exp(A * sum(dt over seg)) * x + loc[seg] (loc: its result from
@@ -38,12 +49,26 @@ def _ss2d_combine_kernel(loc_ptr, sdt_ptr, a_ptr, out_ptr, D, NSEG, OUT_B_STRIDE
         x = tl.exp2(sdt[:, None] * A) * x + loc
 
 
-def ss2d_combine(loc: Tensor, sdt: Tensor, At: Tensor, out: Tensor, bk: int, d: int, n: int, nseg: int,
-                 out_b_stride: int, out_seg_stride: int, bd: int, warps: int = 1, reverse: bool = False) -> None:
+def ss2d_combine(
+    loc: Tensor,
+    sdt: Tensor,
+    At: Tensor,
+    out: Tensor,
+    bk: int,
+    d: int,
+    n: int,
+    nseg: int,
+    out_b_stride: int,
+    out_seg_stride: int,
+    bd: int,
+    warps: int = 1,
+    reverse: bool = False,
+) -> None:
     """Write the carry into every segment to `out` (row bk at `out_b_stride`, segment s at `out_seg_stride`).
 
     loc (bk, nseg, n, d) per-segment results from a zero carry, sdt (bk, nseg, d) per-segment sums of dt,
     At (n, 4d) the transposed A; bk = batch * 4 directions."""
     require_triton(loc)
-    _ss2d_combine_kernel[(bk, triton.cdiv(d, bd))](loc, sdt, At, out, d, nseg, out_b_stride, out_seg_stride,
-                                                   N=n, BD=bd, REVERSE=reverse, num_warps=warps)
+    _ss2d_combine_kernel[(bk, triton.cdiv(d, bd))](
+        loc, sdt, At, out, d, nseg, out_b_stride, out_seg_stride, N=n, BD=bd, REVERSE=reverse, num_warps=warps
+    )

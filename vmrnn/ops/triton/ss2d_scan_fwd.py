@@ -19,11 +19,46 @@ from vmrnn.ops.triton.ss2d_combine import ss2d_combine
 
 @triton.jit
 def _ss2d_fwd_kernel(
-    u_ptr, dl_ptr, b_ptr, c_ptr, a_ptr, dsk_ptr, bias_ptr, y_ptr, hc_ptr, hl_ptr, sdt_ptr,
-    L, H, W, D, NC, NSEG, CPS,
-    su_b, su_l, sd_b, sd_l, sd_k, sb_b, sb_l, sb_k, sc_b, sc_l, sc_k, sy_b, sy_l, sy_k,
-    N: tl.constexpr, BD: tl.constexpr, CK: tl.constexpr, U: tl.constexpr,
-    SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr,
+    u_ptr,
+    dl_ptr,
+    b_ptr,
+    c_ptr,
+    a_ptr,
+    dsk_ptr,
+    bias_ptr,
+    y_ptr,
+    hc_ptr,
+    hl_ptr,
+    sdt_ptr,
+    L,
+    H,
+    W,
+    D,
+    NC,
+    NSEG,
+    CPS,
+    su_b,
+    su_l,
+    sd_b,
+    sd_l,
+    sd_k,
+    sb_b,
+    sb_l,
+    sb_k,
+    sc_b,
+    sc_l,
+    sc_k,
+    sy_b,
+    sy_l,
+    sy_k,
+    N: tl.constexpr,
+    BD: tl.constexpr,
+    CK: tl.constexpr,
+    U: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SAVE: tl.constexpr,
     MODE: tl.constexpr,
 ):
     # MODE 0: one program walks the whole sequence (NSEG = 1, CPS = NC) from a zero state.
@@ -98,17 +133,31 @@ def _ss2d_fwd_kernel(
                 lv = c * CK + s * U + jj
                 lsv = tl.where(k >= 2, L - 1 - lv, lv)
                 posv = tl.where((k % 2) == 1, (lsv % H) * W + lsv // H, lsv)
-                tl.store(y_base[:, None] + posv[None, :] * sy_l, ybuf.to(y_ptr.dtype.element_ty),
-                         mask=dmask[:, None] & (lv < L)[None, :])
+                tl.store(
+                    y_base[:, None] + posv[None, :] * sy_l,
+                    ybuf.to(y_ptr.dtype.element_ty),
+                    mask=dmask[:, None] & (lv < L)[None, :],
+                )
     if MODE == 1:
         sidx = (pid_b * 4 + k) * NSEG + seg
         tl.store(hl_ptr + sidx * D * N + offs_n[None, :] * D + offs_d[:, None], h, mask=dmask[:, None])
         tl.store(sdt_ptr + sidx * D + offs_d, dt_sum, mask=dmask)
 
 
-def ss2d_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, Bs: Tensor, Cs: Tensor, Ds: Tensor | None,
-                  delta_bias: Tensor | None, h: int, w: int, delta_softplus: bool, save: bool,
-                  plan: ScanPlan) -> tuple[Tensor, Tensor]:
+def ss2d_scan_fwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    Bs: Tensor,
+    Cs: Tensor,
+    Ds: Tensor | None,
+    delta_bias: Tensor | None,
+    h: int,
+    w: int,
+    delta_softplus: bool,
+    save: bool,
+    plan: ScanPlan,
+) -> tuple[Tensor, Tensor]:
     """y (B, L, 4, D) and, with `save`, the chunk start states hc (B, 4, nc, N, D) fp32 for the backward."""
     require_triton(u)
     b, L, d = u.shape
@@ -136,13 +185,48 @@ def ss2d_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, Bs: Tensor, Cs: Tensor, D
 
     def launch(mode, save_states):
         _ss2d_fwd_kernel[grid](
-            u, delta, Bs, Cs, At, Ds if Ds is not None else dummy,
-            delta_bias if delta_bias is not None else dummy, y, hc, hl, sdt, L, h, w, d, nc, nseg, cps,
-            u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), delta.stride(2),
-            Bs.stride(0), Bs.stride(1), Bs.stride(2), Cs.stride(0), Cs.stride(1), Cs.stride(2),
-            y.stride(0), y.stride(1), y.stride(2),
-            N=n, BD=bd, CK=ck, U=p.u_fwd, SOFTPLUS=delta_softplus, HAS_D=Ds is not None,
-            HAS_BIAS=delta_bias is not None, SAVE=save_states, MODE=mode, num_warps=p.warps,
+            u,
+            delta,
+            Bs,
+            Cs,
+            At,
+            Ds if Ds is not None else dummy,
+            delta_bias if delta_bias is not None else dummy,
+            y,
+            hc,
+            hl,
+            sdt,
+            L,
+            h,
+            w,
+            d,
+            nc,
+            nseg,
+            cps,
+            u.stride(0),
+            u.stride(1),
+            delta.stride(0),
+            delta.stride(1),
+            delta.stride(2),
+            Bs.stride(0),
+            Bs.stride(1),
+            Bs.stride(2),
+            Cs.stride(0),
+            Cs.stride(1),
+            Cs.stride(2),
+            y.stride(0),
+            y.stride(1),
+            y.stride(2),
+            N=n,
+            BD=bd,
+            CK=ck,
+            U=p.u_fwd,
+            SOFTPLUS=delta_softplus,
+            HAS_D=Ds is not None,
+            HAS_BIAS=delta_bias is not None,
+            SAVE=save_states,
+            MODE=mode,
+            num_warps=p.warps,
         )
 
     if not chunked:

@@ -51,7 +51,7 @@ def default_sweep_name(dataset: str, smoke: bool) -> str:
 
 def model_artifact_path() -> str:
     """Where the training layer logs the best model inside a run."""
-    from vmrnn.train.tracking import MODEL_ARTIFACT_PATH  # deferred: it imports torch; these names do not
+    from vmrnn.train.tracking import MODEL_ARTIFACT_PATH  # deferred: it imports torch, this module must not
 
     return MODEL_ARTIFACT_PATH
 

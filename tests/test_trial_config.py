@@ -41,3 +41,17 @@ def test_a_trial_config_is_resolved_once_and_reaches_the_workers_resolved(tmp_pa
 def test_the_worker_loop_refuses_an_unresolved_config(tmp_path):
     with pytest.raises(TrainConfigError, match="run_training needs a resolved config"):
         run_training(TrainConfig.from_dict({"dataset": "taxibj", "data_dir": str(tmp_path)}))
+
+
+def test_the_cli_path_prepares_once_before_fit_prepares_again(tmp_path, monkeypatch):
+    from vmrnn.train.ray_train import prepare_config
+
+    data = write_taxibj(tmp_path / "data")
+    cfg = TrainConfig.from_dict({"dataset": "taxibj", "data_dir": str(data), "preset": "taxibj-tiny",
+                                 "tracking_uri": f"sqlite:///{tmp_path / 'm.db'}", "device": "cpu"})
+    calls = []
+    resolve = TrainConfig.resolved
+    monkeypatch.setattr(TrainConfig, "resolved", lambda self: calls.append(1) or resolve(self))
+    once = prepare_config(cfg)
+    assert prepare_config(once) is once and len(calls) == 1
+    assert len(calls) == 1 and prepare_config(once.replace(lr=1e-3)).lr == 1e-3 and len(calls) == 2

@@ -241,6 +241,8 @@ def prepare_config(cfg: TrainConfig | dict[str, Any]) -> TrainConfig:
     from vmrnn.data import open_store
 
     cfg = TrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
+    if getattr(cfg, "_prepared", False):  # the CLI prepares before `fit`, which prepares again: once is enough
+        return cfg
     cfg = cfg.resolved().with_run_key()
     # Missing or malformed data is a DataError here, once, not a worker failure that Ray retries.
     open_store(cfg.dataset, cfg.data_dir, cfg.data_options.get("prepared", "auto"))
@@ -248,6 +250,7 @@ def prepare_config(cfg: TrainConfig | dict[str, Any]) -> TrainConfig:
         from vmrnn.tracking.experiments import default_experiment, ensure_experiment
 
         ensure_experiment(cfg.tracking_uri or "", cfg.experiment or default_experiment(cfg.dataset))
+    cfg._prepared = True  # not a field: a copy (replace, from_dict) is prepared again
     return cfg
 
 

@@ -1,6 +1,6 @@
 """GPU checks and kernel timings for docs/GPU_CHECKS.md and docs/PERFORMANCE.md (run on the device).
 
-  python benchmarks/gpu_checks.py presets --out presets.json    # issue #2 part 6: fwd/bwd per preset, cuda scan
+  python benchmarks/gpu_checks.py presets --out presets.json    # fwd/bwd per preset, cuda scan
   python benchmarks/gpu_checks.py scans --out scans.json        # SS2D layouts and scan kernels, per shape
   python benchmarks/gpu_checks.py scan_variants --out v.json     # segmented-scan plans: check, time, pick
 

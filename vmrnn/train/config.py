@@ -78,7 +78,7 @@ class TrainConfig:
     checkpoint_steps: bool | None = None  # activation checkpointing per rollout step
     execution: str = DEFAULT_MODE  # reference, fast, bf16-graphs, ... (GPU-only parts off on CPU)
     fused: bool | None = None  # fused SS2D layout (vmrnn.ops.ss2d_scan)
-    cuda_graphs: bool | None = None  # the whole step in a CUDA graph (GPU, one worker)
+    cuda_graphs: bool | None = None  # the whole step in a CUDA graph (GPU; with the gradient all-reduce)
     compile: bool | None = None  # torch.compile every SS2D
     loss_target: str = "all"
     loss_kind: str = "mse"

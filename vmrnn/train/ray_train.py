@@ -93,17 +93,6 @@ def _load_resume(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
     return state
 
 
-def _maybe_crash(fault: dict[str, Any] | None, epoch: int, rank: int) -> None:
-    """Test hook: kill this worker process once (marker file) after reporting `epoch`."""
-    if not fault or fault.get("epoch") != epoch or fault.get("rank", 0) != rank:
-        return
-    marker = Path(fault["marker"])
-    if marker.exists():
-        return
-    marker.write_text(f"worker rank {rank} killed after epoch {epoch}\n")
-    os._exit(1)
-
-
 def _input_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean 'bad input' (data, config, checkpoint), deterministic: retrying cannot help."""
     from vmrnn.data.errors import DataError
@@ -127,15 +116,13 @@ def raise_if_failed(summary: Any) -> None:
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker entry. config: {"train_config": TrainConfig dict (resolved, with run_key, as
-    `build_trainer` passes it), "threads_per_worker": int, "fault_injection": test hook}, or a plain
-    TrainConfig dict. Returns a summary (rank 0's becomes `Result.return_value`)."""
+    `build_trainer` passes it), "threads_per_worker": int}, or a plain TrainConfig dict. Returns a summary (rank 0's becomes `Result.return_value`)."""
     import torch
 
     if "train_config" not in config:
         config = {"train_config": config}
     cfg = TrainConfig.from_dict(config["train_config"])
     cfg = cfg.resolved()  # idempotent: fills whatever a caller left unset
-    fault = config.get("fault_injection")
     env = _ray_env()
     if env.device.type == "cpu":
         torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
@@ -159,7 +146,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(res.metrics, checkpoint=checkpoint,
                              checkpoint_dir_name=f"checkpoint_epoch{res.epoch:04d}_{time.time_ns()}")
-        _maybe_crash(fault, res.epoch, env.rank)
 
     try:
         result = run_training(cfg, env, resume=resume, on_epoch_end=on_epoch_end, tracker=tracker)
@@ -219,8 +205,7 @@ def prepare_config(cfg: TrainConfig | dict[str, Any]) -> TrainConfig:
 
 
 def build_trainer(cfg: TrainConfig, *, num_workers: int, use_gpu: bool, resources_per_worker: dict | None,
-                  run_config: RunConfig, fault_injection: dict[str, Any] | None = None,
-                  threads_per_worker: int = 1) -> TorchTrainer:
+                  run_config: RunConfig, threads_per_worker: int = 1) -> TorchTrainer:
     """A TorchTrainer that runs `train_loop_per_worker` on `num_workers` workers (gloo on CPU, NCCL on GPU).
 
     `cfg.batch_size` is per worker. The caller owns `run_config` (name, storage_path, failure_config,
@@ -234,8 +219,7 @@ def build_trainer(cfg: TrainConfig, *, num_workers: int, use_gpu: bool, resource
     scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train_config": cfg.to_dict(), "fault_injection": fault_injection,
-                           "threads_per_worker": threads_per_worker},
+        train_loop_config={"train_config": cfg.to_dict(), "threads_per_worker": threads_per_worker},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=scaling,
         run_config=run_config,
@@ -245,7 +229,7 @@ def build_trainer(cfg: TrainConfig, *, num_workers: int, use_gpu: bool, resource
 def fit(cfg: TrainConfig | dict[str, Any], num_workers: int = 1, use_gpu: bool = False, *,
         resources_per_worker: dict | None = None, storage_path: str | None = None, name: str | None = None,
         max_failures: int = 2, num_to_keep: int = 2, progress: bool = True,
-        fault_injection: dict[str, Any] | None = None, threads_per_worker: int | None = None) -> ray.train.Result:
+        threads_per_worker: int | None = None) -> ray.train.Result:
     """Run one TorchTrainer to completion (starting a local Ray if none is connected); for the CLI.
 
     Raises TrainingDiverged when the loss became NaN/inf, ray.train.TrainingFailedError when the
@@ -268,8 +252,7 @@ def fit(cfg: TrainConfig | dict[str, Any], num_workers: int = 1, use_gpu: bool =
         callbacks=[ProgressCallback(int(cfg.epochs or 0))] if progress else [],
     )
     trainer = build_trainer(cfg, num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker,
-                            run_config=run_config, fault_injection=fault_injection,
-                            threads_per_worker=threads_per_worker)
+                            run_config=run_config, threads_per_worker=threads_per_worker)
     result = trainer.fit()
     raise_if_failed(result.return_value)
     return result

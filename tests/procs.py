@@ -111,7 +111,7 @@ def kill_processes_mentioning(marker: str) -> list[int]:
 
 def stop_group(proc: subprocess.Popen | None, grace: float = 15.0) -> None:
     """SIGTERM the process group we started (start_new_session=True), then SIGKILL what is left."""
-    if proc is None or proc.poll() is not None and not _group_alive(proc.pid):
+    if proc is None or not _group_alive(proc):
         return
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         try:
@@ -119,9 +119,9 @@ def stop_group(proc: subprocess.Popen | None, grace: float = 15.0) -> None:
         except ProcessLookupError:
             return
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _group_alive(proc.pid):
+        while time.monotonic() < deadline and _group_alive(proc):
             time.sleep(0.2)
-        if not _group_alive(proc.pid):
+        if not _group_alive(proc):
             break
     try:
         proc.wait(timeout=5)
@@ -129,9 +129,10 @@ def stop_group(proc: subprocess.Popen | None, grace: float = 15.0) -> None:
         pass
 
 
-def _group_alive(pgid: int) -> bool:
+def _group_alive(proc: subprocess.Popen) -> bool:
+    proc.poll()  # reap the leader: a zombie still counts as a member of its group
     try:
-        os.killpg(pgid, 0)
+        os.killpg(proc.pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:

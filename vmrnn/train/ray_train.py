@@ -116,7 +116,8 @@ def raise_if_failed(summary: Any) -> None:
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker entry. config: {"train_config": TrainConfig dict (resolved, with run_key, as
-    `build_trainer` passes it), "threads_per_worker": int}, or a plain TrainConfig dict. Returns a summary (rank 0's becomes `Result.return_value`)."""
+    `build_trainer` passes it), "threads_per_worker": int}, or a plain TrainConfig dict. Returns a summary
+    (rank 0's becomes `Result.return_value`)."""
     import torch
 
     if "train_config" not in config:

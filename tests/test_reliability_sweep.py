@@ -71,7 +71,14 @@ class Cluster:
 
     def submit(self, job_id: str, *script_args: str) -> None:
         cmd = ["--working-dir", str(self.workdir), "--no-wait", "--", "python", "sweeps/taxibj.py", *script_args]
-        proc = ray_job(self.env, self.address, "submit", "--submission-id", job_id, *cmd)
+        deadline = time.monotonic() + 120
+        while True:
+            proc = ray_job(self.env, self.address, "submit", "--submission-id", job_id, *cmd)
+            # The job server answers before the node's agent has registered (slow on a loaded machine); Ray
+            # says to try again later.
+            if "No available agent to submit job" not in proc.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(3)
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
     def wait_job(self, job_id: str, timeout: float) -> str:

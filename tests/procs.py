@@ -218,14 +218,18 @@ class RayHead:
 
 
 def start_ray_head(root: Path, env: dict[str, str], num_cpus: int = 2) -> RayHead:
-    """A head node of `num_cpus` CPUs and no GPU; returns once its job server answers."""
-    gcs_port, dash_port = free_port(), free_port()
+    """A head node of `num_cpus` CPUs and no GPU; returns once its job server answers.
+
+    Every port Ray would otherwise take at a fixed default (GCS 6379, dashboard 8265, its agent 52365, the
+    client server 10001) is a free one: another Ray on this machine must not take the job agent's port."""
+    gcs_port, dash_port, agent_port, client_port = (free_port() for _ in range(4))
     temp_dir = ray_temp_dir()
     with open(root / "ray-head.log", "ab") as log:
         proc = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", str(num_cpus), "--num-gpus", "0",
              "--port", str(gcs_port), "--dashboard-port", str(dash_port), "--include-dashboard", "true",
-             "--dashboard-host", "127.0.0.1", "--temp-dir", str(temp_dir), "--disable-usage-stats"],
+             "--dashboard-host", "127.0.0.1", "--dashboard-agent-listen-port", str(agent_port),
+             "--ray-client-server-port", str(client_port), "--temp-dir", str(temp_dir), "--disable-usage-stats"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     head = RayHead(proc, dash_port, temp_dir)
     try:

@@ -326,12 +326,20 @@ def test_sweep_survives_a_killed_worker_a_killed_driver_and_a_diverging_trial(cl
 
     # Nothing of the two jobs is left in the cluster: no live actor, no placement group holding resources;
     # and stopping the cluster leaves no process behind.
-    alive = cluster.ray_list("actors", "state=ALIVE")
     # Ray Train V2 creates one detached, 0-CPU `AutoscalingCoordinator` per cluster, reused by every later
-    # job (Ray's own singleton, not ours): at most one may outlive the jobs, nothing else.
-    coordinators = [a for a in alive if a.get("class_name") == "_AutoscalingCoordinatorActor"]
+    # job (Ray's own singleton, not ours): at most one may outlive the jobs. Its detached
+    # `PlacementGroupCleaner` of a run exits by itself once it sees the run's controller gone (it polls):
+    # allowed a minute for that, nothing else.
+    deadline = time.monotonic() + 60
+    while True:
+        alive = cluster.ray_list("actors", "state=ALIVE")
+        coordinators = [a for a in alive if a.get("class_name") == "_AutoscalingCoordinatorActor"]
+        others = [a for a in alive if a not in coordinators]
+        exiting = [a for a in others if a.get("class_name") == "PlacementGroupCleaner"]
+        if not exiting or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert len(coordinators) <= 1, coordinators
-    others = [a for a in alive if a not in coordinators]
     assert others == [], [(a.get("class_name"), a.get("pid")) for a in others]
     assert cluster.ray_list("placement-groups", "state=CREATED") == []
     cluster.head.stop()

@@ -1,7 +1,10 @@
-"""Process helpers for tests that start real servers (Ray head, MLflow server, jobs, scripts).
+"""Shared set-up for tests that start real servers: free loopback ports, a real `mlflow server`, a
+`ray start --head` cluster, an in-process local Ray, `ray job` calls, and bounded waits.
 
 Everything binds to 127.0.0.1, every wait is bounded, and teardown only touches what the test started
-(its own process group, or processes naming the test's unique temp dir).
+(its own process group and session, or processes naming the test's unique temp dir). tests/conftest.py
+turns the servers into fixtures (`mlflow_server`, `local_ray`); the `running_*` context managers are for
+set-ups a fixture cannot express (a module-scoped cluster with its own environment).
 """
 
 from __future__ import annotations
@@ -16,23 +19,33 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import REPO
-
+REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+# ---------------------------------------------------------------------- ports, waits, environment
+
 def free_port() -> int:
+    """A loopback port that nothing listens on (bound, then released)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def wait_for(predicate, timeout: float, interval: float = 1.0, what: str = "condition"):
+def wait_for(predicate, timeout: float, interval: float = 1.0, what: str = "condition",
+             proc: subprocess.Popen | None = None):
+    """predicate()'s first truthy value, polled every `interval` s; a TimeoutError after `timeout` s, or a
+    RuntimeError as soon as `proc` (the process that should make it true) has exited."""
     deadline = time.monotonic() + timeout
     last_exc = None
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"exited with status {proc.returncode} while waiting for {what}")
         try:
             value = predicate()
             if value:
@@ -49,34 +62,38 @@ def http_ok(url: str, timeout: float = 3.0) -> bool:
         return resp.status == 200
 
 
-def stop_group(proc: subprocess.Popen | None, grace: float = 15.0) -> None:
-    """SIGTERM the process group we started (start_new_session=True), then SIGKILL what is left."""
-    if proc is None or proc.poll() is not None and not _group_alive(proc.pid):
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+def scrubbed_env(**extra: str) -> dict[str, str]:
+    """This environment without a Ray address or MLflow URI of the caller's, loopback-only Ray, no
+    telemetry; `extra` on top."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING"))}
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.update(extra)
+    return env
+
+
+def ray_temp_dir() -> Path:
+    """A fresh temp dir for one Ray (not yet created): short, because of Ray's unix socket path limit, and
+    unique, so that every process of that Ray names it and nothing else does."""
+    return Path(f"/tmp/vmrnn-rt-{secrets.token_hex(4)}")
+
+
+# ---------------------------------------------------------------------- processes
+
+def processes_mentioning(marker: str) -> list[tuple[int, str]]:
+    """(pid, command line) of the processes whose command line names `marker`."""
+    found = []
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _group_alive(proc.pid):
-            time.sleep(0.2)
-        if not _group_alive(proc.pid):
-            break
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd:
+            found.append((int(entry.name), cmd))
+    return found
 
 
 def kill_processes_mentioning(marker: str) -> list[int]:
@@ -92,36 +109,165 @@ def kill_processes_mentioning(marker: str) -> list[int]:
     return killed
 
 
-def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
-    """A lean MLflow tracking server (1 worker, no job execution) with a SQLite store, serving artifacts."""
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(root / "mlflow-server.log", "w")
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "mlartifacts")],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+def stop_group(proc: subprocess.Popen | None, grace: float = 15.0) -> None:
+    """SIGTERM the process group we started (start_new_session=True), then SIGKILL what is left."""
+    if proc is None or not _group_alive(proc):
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and _group_alive(proc):
+            time.sleep(0.2)
+        if not _group_alive(proc):
+            break
     try:
-        wait_for(lambda: proc.poll() is None and http_ok(f"http://127.0.0.1:{port}/health"), 90,
-                 what="mlflow server /health")
-    except Exception:
-        stop_group(proc)
-        raise RuntimeError("mlflow server did not start:\n" + (root / "mlflow-server.log").read_text()[-3000:])
-    return proc
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
 
 
-def start_ray_head(root: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int, Path]:
-    """`ray start --head --block` (its own process group) with the dashboard and job server on 127.0.0.1."""
-    gcs_port, dash_port = free_port(), free_port()
-    temp_dir = Path(f"/tmp/vmrnn-rt-{secrets.token_hex(4)}")  # short: Ray's unix socket paths
-    log = open(root / "ray-head.log", "w")
-    proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
-         "--port", str(gcs_port), "--dashboard-port", str(dash_port), "--include-dashboard", "true",
-         "--dashboard-host", "127.0.0.1", "--temp-dir", str(temp_dir), "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    return proc, dash_port, temp_dir
+def _group_alive(proc: subprocess.Popen) -> bool:
+    proc.poll()  # reap the leader: a zombie still counts as a member of its group
+    try:
+        os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------- a real `mlflow server`
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 (lean: 1 worker, no job execution) with a SQLite store in
+    `root`; it can be stopped and started again on the same port and store (an outage).
+
+    serve_artifacts=True: the server stores and serves the artifacts (`--artifacts-destination`, as on the
+    cluster); False: clients write them to a local folder themselves (`--default-artifact-root`)."""
+
+    def __init__(self, root: Path, port: int | None = None, serve_artifacts: bool = False) -> None:
+        self.root = root
+        self.port = port or free_port()
+        self.serve_artifacts = serve_artifacts
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log_path = root / "mlflow-server.log"
+        self.proc: subprocess.Popen | None = None
+        root.mkdir(parents=True, exist_ok=True)
+
+    def start(self, timeout: float = 90.0) -> MlflowServer:
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        env.pop("MLFLOW_TRACKING_URI", None)
+        artifacts = ["--artifacts-destination" if self.serve_artifacts else "--default-artifact-root",
+                     str(self.root / "artifacts")]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(BIN / "mlflow"), "server", "--workers", "1", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", *artifacts],
+                cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(lambda: http_ok(f"{self.uri}/health"), timeout, interval=0.3, what="mlflow server /health",
+                     proc=self.proc)
+        except (TimeoutError, RuntimeError) as exc:
+            self.stop()
+            raise RuntimeError(f"mlflow server did not start: {exc}; its log ({self.log_path}):\n"
+                               + self.log_path.read_text()[-3000:]) from None
+        return self
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Short grace: the server does not exit on SIGTERM while clients keep connections open."""
+        stop_group(self.proc, grace=grace)
+        self.proc = None
+
+
+@contextmanager
+def running_mlflow_server(root: Path, serve_artifacts: bool = False) -> Iterator[MlflowServer]:
+    server = MlflowServer(root, serve_artifacts=serve_artifacts).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------------- Ray
+
+@dataclass
+class RayHead:
+    """A `ray start --head --block` in its own process group, dashboard and job server on 127.0.0.1."""
+
+    proc: subprocess.Popen
+    dashboard_port: int
+    temp_dir: Path
+
+    @property
+    def address(self) -> str:  # for `ray job` / `ray list --address`
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def stop(self) -> None:
+        """What stopping the head does by itself (tests check that it leaves no process behind)."""
+        stop_group(self.proc, grace=20)
+
+    def remove(self) -> None:
+        """Stop the head, then kill whatever of this Ray is left (processes naming its temp dir)."""
+        self.stop()
+        kill_processes_mentioning(str(self.temp_dir))
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def start_ray_head(root: Path, env: dict[str, str], num_cpus: int = 2) -> RayHead:
+    """A head node of `num_cpus` CPUs and no GPU; returns once its job server answers.
+
+    Every port Ray would otherwise take at a fixed default (GCS 6379, dashboard 8265, its agent 52365, the
+    client server 10001) is a free one: another Ray on this machine must not take the job agent's port."""
+    gcs_port, dash_port, agent_port, client_port = (free_port() for _ in range(4))
+    temp_dir = ray_temp_dir()
+    with open(root / "ray-head.log", "ab") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", str(num_cpus), "--num-gpus", "0",
+             "--port", str(gcs_port), "--dashboard-port", str(dash_port), "--include-dashboard", "true",
+             "--dashboard-host", "127.0.0.1", "--dashboard-agent-listen-port", str(agent_port),
+             "--ray-client-server-port", str(client_port), "--temp-dir", str(temp_dir), "--disable-usage-stats"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head = RayHead(proc, dash_port, temp_dir)
+    try:
+        wait_for(lambda: ray_job(env, head.address, "list", timeout=30).returncode == 0, 120, interval=2,
+                 what="the Ray job server", proc=proc)
+    except (TimeoutError, RuntimeError) as exc:
+        head.remove()
+        raise RuntimeError(f"ray start --head did not come up: {exc}; its log:\n"
+                           + (root / "ray-head.log").read_text()[-3000:]) from None
+    return head
+
+
+@contextmanager
+def running_ray_head(root: Path, env: dict[str, str], num_cpus: int = 2) -> Iterator[RayHead]:
+    head = start_ray_head(root, env, num_cpus)
+    try:
+        yield head
+    finally:
+        head.remove()
+
+
+@contextmanager
+def running_local_ray(num_cpus: int = 2) -> Iterator[Path]:
+    """`ray.init` of a local Ray in this process (loopback only: conftest sets it) in its own temp dir, with
+    the dashboard (Train V2 needs its State API); yields the temp dir. Shut down, and every process of that
+    Ray gone, afterwards."""
+    import ray  # deferred: only the tests that start Ray pay for the import
+
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")  # a loaded 2-core machine
+    temp_dir = ray_temp_dir()
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+             _temp_dir=str(temp_dir))
+    try:
+        yield temp_dir
+    finally:
+        ray.shutdown()
+        kill_processes_mentioning(str(temp_dir))
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def ray_job(env: dict[str, str], address: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -151,34 +297,3 @@ def minimal_working_dir(dest: Path) -> Path:
     shutil.copytree(REPO / "sweeps", dest / "sweeps", ignore=ignore)
     shutil.copy(REPO / ".gitignore", dest / ".gitignore")
     return dest
-
-
-def dead_port() -> int:
-    """A loopback port that nothing listens on (bound, then released)."""
-    return free_port()
-
-
-def scrubbed_env(**extra: str) -> dict[str, str]:
-    """This environment without a Ray address or MLflow URI of the caller's, loopback-only Ray, no
-    telemetry; `extra` on top."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING"))}
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    env.update(extra)
-    return env
-
-
-def processes_mentioning(marker: str) -> list[tuple[int, str]]:
-    """(pid, command line) of the processes whose command line names `marker`."""
-    found = []
-    me = os.getpid()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd:
-            found.append((int(entry.name), cmd))
-    return found

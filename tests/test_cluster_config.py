@@ -44,7 +44,7 @@ from ray.autoscaler._private.resource_demand_scheduler import (  # noqa: E402
 )
 from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from procs import REPO, free_port  # noqa: E402
 CONFIGS = {"aws": REPO / "cluster" / "gpu.yaml", "gcp": REPO / "cluster" / "gcp-gpu.yaml"}
 INSTALL_KERNELS = REPO / "cluster" / "install_kernels.sh"
 SHARED_SDISTS = REPO.parent / "shared" / "device" / "sdist"
@@ -199,18 +199,12 @@ def test_head_ip_snippet_prints_this_nodes_address(raw_config):
     socket.inet_aton(out.stdout.strip())  # an IPv4 address
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_head_starts_mlflow_once_and_refuses_the_placeholder_bucket(raw_config, tmp_path):
     mlflow_cmd = next(c for c in raw_config["head_start_ray_commands"] if "mlflow server" in c)
     # Run it here with a stand-in `mlflow` on PATH, its directory in tmp_path, and a health URL on a
     # closed port (so an unrelated server on :5000 of this machine cannot answer).
     cmd = mlflow_cmd.replace("/home/ray/vmrnn-mlflow", str(tmp_path)).replace(
-        "127.0.0.1:5000/health", f"127.0.0.1:{_free_port()}/health")
+        "127.0.0.1:5000/health", f"127.0.0.1:{free_port()}/health")
     shim = tmp_path / "bin" / "mlflow"
     shim.parent.mkdir()
     shim.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/argv\n')
@@ -452,7 +446,7 @@ def test_fake_multinode_cluster_runs_a_trial_worker_on_an_autoscaled_gpu_node(tm
     config = load_prepared(CONFIGS["aws"])
     # A short private temp dir (Ray's socket paths have a length limit), never /tmp/ray of anyone else.
     temp_dir = Path(tempfile.mkdtemp(prefix="vmrnn-fake-", dir="/tmp"))
-    gcs_port, dash_port, agent_port, client_port = (_free_port() for _ in range(4))
+    gcs_port, dash_port, agent_port, client_port = (free_port() for _ in range(4))
     gcs_address = f"127.0.0.1:{gcs_port}"
     fake, head_res = fake_multinode_config(config, gcs_address)
     validate_config(fake)

@@ -1,38 +1,46 @@
-"""Official checkpoints: keys and shapes from ../shared/reference/official_keys.py load into our model."""
+"""Official checkpoints: the official key names and shapes (tests/fixtures/official_keys.json) load into our
+model, round-trip, and every mismatch is named."""
 
-import importlib.util
+import json
+import math
+from functools import cache
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import SHARED_REFERENCE
 from vmrnn.models import (
     CheckpointMismatch, build_model, convert_official_state_dict, load_official_state_dict, official_key_map,
     to_official_state_dict,
 )
 
-KEYS_FILE = SHARED_REFERENCE / "official_keys.py"
-pytestmark = pytest.mark.skipif(not KEYS_FILE.exists(), reason=f"{KEYS_FILE} not found (shared/ beside the repo)")
+KEYS_FILE = Path(__file__).parent / "fixtures" / "official_keys.json"
 
 
-@pytest.fixture(scope="module")
-def official_keys():
-    spec = importlib.util.spec_from_file_location("official_keys", KEYS_FILE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@cache
+def official_keys(layout: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(key, shape) of every tensor of an official checkpoint layout, in the checkpoint's order."""
+    return [(k, tuple(shape)) for k, shape in json.loads(KEYS_FILE.read_text())["layouts"][layout]["keys"]]
 
 
 LAYOUTS = {
-    # name: (our preset, function building the official key list, prefix, standalone-B?)
-    "openstl-taxibj": ("taxibj", lambda k: k.vmrnn_b(2, 128, 4, 12), ""),
-    "openstl-kth": ("kth", lambda k: k.vmrnn_b(1, 128, 2, 6), ""),
-    "openstl-kth-ddp": ("kth", lambda k: k.vmrnn_b(1, 128, 2, 6), "module."),
-    "openstl-mmnist-d": ("mmnist-openstl", lambda k: k.vmrnn_d(1, 128, 2, [2, 2], [2, 2]), ""),
-    "openstl-mmnist-d-ddp": ("mmnist-openstl", lambda k: k.vmrnn_d(1, 128, 2, [2, 2], [2, 2]), "module."),
-    "standalone-mmnist-d": ("mmnist", lambda k: k.vmrnn_d(1, 128, 2, [2, 6], [6, 2]), ""),
-    "standalone-b": ("mmnist-b", lambda k: k.vmrnn_b(1, 128, 2, 6, standalone=True), ""),
+    # name: (our preset, official layout in KEYS_FILE, key prefix)
+    "openstl-taxibj": ("taxibj", "vmrnn-b-taxibj", ""),
+    "openstl-kth": ("kth", "vmrnn-b-kth", ""),
+    "openstl-kth-ddp": ("kth", "vmrnn-b-kth", "module."),
+    "openstl-mmnist-d": ("mmnist-openstl", "vmrnn-d-mmnist-openstl", ""),
+    "openstl-mmnist-d-ddp": ("mmnist-openstl", "vmrnn-d-mmnist-openstl", "module."),
+    "standalone-mmnist-d": ("mmnist", "vmrnn-d-mmnist-standalone", ""),
+    "standalone-b": ("mmnist-b", "vmrnn-b-mmnist-standalone", ""),
 }
+
+
+def test_fixture_counts_match_its_keys():
+    """The fixture's stated tensor and parameter counts agree with its key list (a damaged file fails here)."""
+    for name, layout in json.loads(KEYS_FILE.read_text())["layouts"].items():
+        shapes = [shape for _, shape in official_keys(name)]
+        assert len(shapes) == layout["tensors"], name
+        assert sum(math.prod(s) for s in shapes) == layout["parameters"], name
 
 
 def random_official_state(keys, prefix=""):
@@ -41,9 +49,9 @@ def random_official_state(keys, prefix=""):
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_official_layout_loads_and_round_trips(official_keys, layout):
-    preset, make_keys, prefix = LAYOUTS[layout]
-    keys = make_keys(official_keys)
+def test_official_layout_loads_and_round_trips(layout):
+    preset, official, prefix = LAYOUTS[layout]
+    keys = official_keys(official)
     state = random_official_state(keys, prefix)
     model = load_official_state_dict(build_model(preset), state)
     ours = model.state_dict()
@@ -62,23 +70,23 @@ def test_official_layout_loads_and_round_trips(official_keys, layout):
             assert torch.equal(back[k], plain[k])
 
 
-def test_key_map_covers_every_official_key_once(official_keys):
-    for preset, make_keys, _ in LAYOUTS.values():
-        keys = [k.replace("ST.layers.0.", "ST.layer.") for k, _ in make_keys(official_keys)]
+def test_key_map_covers_every_official_key_once():
+    for preset, official, _ in LAYOUTS.values():
+        keys = [k.replace("ST.layers.0.", "ST.layer.") for k, _ in official_keys(official)]
         kmap = official_key_map(build_model(preset).config)
         assert sorted(kmap) == sorted(keys)
         targets = [t for t in kmap.values() if t is not None]
         assert len(targets) == len(set(targets)) == len(build_model(preset).state_dict())
 
 
-def test_latest_pth_wrapper_is_unwrapped(official_keys):
-    state = {"epoch": 3, "state_dict": random_official_state(official_keys.vmrnn_b(2, 128, 4, 12))}
+def test_latest_pth_wrapper_is_unwrapped():
+    state = {"epoch": 3, "state_dict": random_official_state(official_keys("vmrnn-b-taxibj"))}
     assert len(convert_official_state_dict(state, build_model("taxibj").config)) == len(build_model("taxibj").state_dict())
 
 
-def test_loaded_weights_drive_the_forward(official_keys):
+def test_loaded_weights_drive_the_forward():
     """Loading changes the output, and two loads of the same weights give identical outputs."""
-    state = random_official_state(official_keys.vmrnn_b(2, 128, 4, 12))
+    state = random_official_state(official_keys("vmrnn-b-taxibj"))
     state = {k: v * 0.05 for k, v in state.items()}
     frames = torch.rand(1, 3, 2, 32, 32)
     m1 = load_official_state_dict(build_model("taxibj"), state).eval()
@@ -88,34 +96,34 @@ def test_loaded_weights_drive_the_forward(official_keys):
         assert not torch.equal(m1(frames, 2), build_model("taxibj").eval()(frames, 2))
 
 
-def test_missing_key_is_named(official_keys):
-    state = random_official_state(official_keys.vmrnn_b(2, 128, 4, 12))
+def test_missing_key_is_named():
+    state = random_official_state(official_keys("vmrnn-b-taxibj"))
     del state["ST.layer.VSBs.3.self_attention.A_logs"]
     with pytest.raises(CheckpointMismatch, match=r"missing: ST\.layer\.VSBs\.3\.self_attention\.A_logs"):
         load_official_state_dict(build_model("taxibj"), state)
 
 
-def test_wrong_shape_is_named(official_keys):
-    state = random_official_state(official_keys.vmrnn_b(2, 128, 4, 12))
+def test_wrong_shape_is_named():
+    state = random_official_state(official_keys("vmrnn-b-taxibj"))
     state["ST.patch_embed.proj.weight"] = torch.zeros(128, 2, 2, 2)
     with pytest.raises(CheckpointMismatch, match=r"ST\.patch_embed\.proj\.weight: checkpoint \(128, 2, 2, 2\) vs expected \(128, 2, 4, 4\)"):
         load_official_state_dict(build_model("taxibj"), state)
 
 
-def test_checkpoint_of_another_architecture_is_refused(official_keys):
-    state = random_official_state(official_keys.vmrnn_d(1, 128, 2, [2, 2], [2, 2]))
+def test_checkpoint_of_another_architecture_is_refused():
+    state = random_official_state(official_keys("vmrnn-d-mmnist-openstl"))
     with pytest.raises(CheckpointMismatch, match=r"does not fit VMRNN-B.*missing: .*unexpected: Downsample"):
         load_official_state_dict(build_model("kth"), state)
 
 
-def test_depth_mismatch_is_refused(official_keys):
-    state = random_official_state(official_keys.vmrnn_d(1, 128, 2, [2, 6], [6, 2]))
+def test_depth_mismatch_is_refused():
+    state = random_official_state(official_keys("vmrnn-d-mmnist-standalone"))
     with pytest.raises(CheckpointMismatch, match="unexpected: Downsample.layers.1.VSBs.2"):
         load_official_state_dict(build_model("mmnist-openstl"), state)
 
 
-def test_multi_cell_standalone_b_is_refused(official_keys):
-    state = random_official_state(official_keys.vmrnn_b(1, 128, 2, 6, standalone=True))
+def test_multi_cell_standalone_b_is_refused():
+    state = random_official_state(official_keys("vmrnn-b-mmnist-standalone"))
     state["ST.layers.1.VSBs.0.ln_1.weight"] = torch.zeros(128)
     with pytest.raises(CheckpointMismatch, match="several cells"):
         load_official_state_dict(build_model("mmnist-b"), state)

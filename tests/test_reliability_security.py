@@ -22,10 +22,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_train_helpers import MlflowServer, tiny_cfg, write_taxibj
+from test_train_helpers import tiny_cfg, write_taxibj
 
-from conftest import REPO
-from procs import kill_processes_mentioning, scrubbed_env, stop_group
+from procs import REPO, kill_processes_mentioning, ray_temp_dir, scrubbed_env, stop_group
 
 # A local Ray started the way `sweeps/*.py` (vmrnn.tune.local_ray.connect) and `vmrnn train`
 # (vmrnn.train.ray_train.init_local_ray) start it; it prints its dashboard URL and waits for a line.
@@ -117,7 +116,7 @@ def _http_status(url: str, token: str | None = None) -> int:
 def test_local_ray_listens_on_loopback_only_and_requires_its_token(who, tmp_path):
     home = tmp_path / "home"  # Ray writes the new cluster's token to ~/.ray/auth_token: ours, not the user's
     home.mkdir()
-    ray_tmp = Path(f"/tmp/vmrnn-rt-{secrets.token_hex(4)}")  # short: Ray's unix socket paths
+    ray_tmp = ray_temp_dir()
     env = scrubbed_env(HOME=str(home), PYTHONPATH=str(REPO), RAY_TMPDIR=str(ray_tmp))
     for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(k, None)  # the defaults our code starts Ray with, not the test suite's
@@ -173,7 +172,7 @@ def test_every_torch_load_is_weights_only_and_nothing_binds_all_interfaces():
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_no_secret_reaches_mlflow_params_or_tags(tmp_path, monkeypatch):
+def test_no_secret_reaches_mlflow_params_or_tags(tmp_path, monkeypatch, mlflow_server):
     """Secret-looking environment variables, config tags and URI credentials of a real training run
     against a real `mlflow server`: none of their values (or the variables' names) is a param or tag."""
     from mlflow.tracking import MlflowClient
@@ -186,25 +185,21 @@ def test_no_secret_reaches_mlflow_params_or_tags(tmp_path, monkeypatch):
            "MLFLOW_TRACKING_PASSWORD": f"mlpw-{canary}"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    server = MlflowServer(tmp_path / "srv").start()
-    try:
-        uri = server.uri.replace("http://", f"http://vmrnn:uri-{canary}@")  # credentials in the URI
-        data = write_taxibj(tmp_path / "data")
-        cfg = tiny_cfg(data, epochs=1, max_train_batches=1, tracking=True, tracking_uri=uri, experiment="t-sec",
-                       log_model=False, log_images=False, checkpoint_dir=str(tmp_path / "ck"),
-                       tags={"team": "vision", "api_token": f"tag-{canary}", "db_passwd": f"tagpw-{canary}"},
-                       data_options={"val_fraction": 0.1})
-        res = train(cfg)
-        client = MlflowClient(server.uri)
-        run = client.get_run(res.run_id)
-        items = [("param", k, v) for k, v in run.data.params.items()] + \
-                [("tag", k, v) for k, v in run.data.tags.items()]
-        assert run.data.params["tags.team"] == "vision"  # ordinary values are logged ...
-        assert run.data.params["tags.api_token"] == "***" and run.data.tags["api_token"] == "***"  # ... these not
-        assert run.data.tags["db_passwd"] == "***"
-        leaked = [f"{kind} {k}={v[:60]}" for kind, k, v in items
-                  if canary in v or canary in k or k.upper() in env]
-        assert leaked == []
-        assert "vmrnn:" not in run.data.params["tracking_uri"] and "@" not in run.data.params["tracking_uri"]
-    finally:
-        server.stop()
+    uri = mlflow_server.uri.replace("http://", f"http://vmrnn:uri-{canary}@")  # credentials in the URI
+    data = write_taxibj(tmp_path / "data")
+    cfg = tiny_cfg(data, epochs=1, max_train_batches=1, tracking=True, tracking_uri=uri, experiment="t-sec",
+                   log_model=False, log_images=False, checkpoint_dir=str(tmp_path / "ck"),
+                   tags={"team": "vision", "api_token": f"tag-{canary}", "db_passwd": f"tagpw-{canary}"},
+                   data_options={"val_fraction": 0.1})
+    res = train(cfg)
+    client = MlflowClient(mlflow_server.uri)
+    run = client.get_run(res.run_id)
+    items = [("param", k, v) for k, v in run.data.params.items()] + \
+            [("tag", k, v) for k, v in run.data.tags.items()]
+    assert run.data.params["tags.team"] == "vision"  # ordinary values are logged ...
+    assert run.data.params["tags.api_token"] == "***" and run.data.tags["api_token"] == "***"  # ... these not
+    assert run.data.tags["db_passwd"] == "***"
+    leaked = [f"{kind} {k}={v[:60]}" for kind, k, v in items
+              if canary in v or canary in k or k.upper() in env]
+    assert leaked == []
+    assert "vmrnn:" not in run.data.params["tracking_uri"] and "@" not in run.data.params["tracking_uri"]

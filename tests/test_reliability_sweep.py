@@ -40,10 +40,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO
 from procs import (
-    BIN, free_port, job_status, kill_processes_mentioning, minimal_working_dir, processes_mentioning, ray_job,
-    scrubbed_env, start_mlflow_server, start_ray_head, stop_group, wait_for,
+    BIN, REPO, MlflowServer, RayHead, job_status, kill_processes_mentioning, minimal_working_dir,
+    processes_mentioning, ray_job, ray_temp_dir, running_mlflow_server, running_ray_head, scrubbed_env, stop_group,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -58,15 +58,28 @@ SECRET_ENV = {"AWS_SECRET_ACCESS_KEY": f"aws-{CANARY}", "VMRNN_TEST_TOKEN": f"to
 class Cluster:
     root: Path
     env: dict
-    uri: str
-    address: str
-    temp_dir: Path
-    ray_proc: subprocess.Popen
+    mlflow: MlflowServer
+    head: RayHead
     workdir: Path
+
+    @property
+    def uri(self) -> str:
+        return self.mlflow.uri
+
+    @property
+    def address(self) -> str:
+        return self.head.address
 
     def submit(self, job_id: str, *script_args: str) -> None:
         cmd = ["--working-dir", str(self.workdir), "--no-wait", "--", "python", "sweeps/taxibj.py", *script_args]
-        proc = ray_job(self.env, self.address, "submit", "--submission-id", job_id, *cmd)
+        deadline = time.monotonic() + 120
+        while True:
+            proc = ray_job(self.env, self.address, "submit", "--submission-id", job_id, *cmd)
+            # The job server answers before the node's agent has registered (slow on a loaded machine); Ray
+            # says to try again later.
+            if "No available agent to submit job" not in proc.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(3)
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
     def wait_job(self, job_id: str, timeout: float) -> str:
@@ -89,31 +102,17 @@ class Cluster:
                 return json.loads(line)
         raise AssertionError(f"`ray list {what}` printed no JSON list: {proc.stdout[-500:]!r} {proc.stderr[-500:]!r}")
 
-    def stop(self) -> None:
-        stop_group(self.ray_proc, grace=20)
-
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    """A real `mlflow server` serving artifacts and a `ray start --head` with token auth, both on 127.0.0.1;
+    every Ray process sees SECRET_ENV."""
     root = tmp_path_factory.mktemp("rel")
     env = scrubbed_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
                        VMRNN_CACHE_DIR=str(root / "cache"), **SECRET_ENV)
-    mlflow_proc = ray_proc = temp_dir = None
-    try:
-        port = free_port()
-        mlflow_proc = start_mlflow_server(root, port)
-        ray_proc, dash_port, temp_dir = start_ray_head(root, env)
-        address = f"http://127.0.0.1:{dash_port}"
-        wait_for(lambda: ray_job(env, address, "list", timeout=30).returncode == 0, 120, interval=2,
-                 what="the Ray job server")
-        yield Cluster(root, env, f"http://127.0.0.1:{port}", address, temp_dir, ray_proc,
-                      minimal_working_dir(root / "src"))
-    finally:
-        stop_group(ray_proc, grace=20)
-        if temp_dir is not None:
-            kill_processes_mentioning(str(temp_dir))
-            shutil.rmtree(temp_dir, ignore_errors=True)
-        stop_group(mlflow_proc, grace=5)  # it does not exit on SIGTERM while clients keep connections
+    with running_mlflow_server(root / "mlflow", serve_artifacts=True) as mlflow, \
+            running_ray_head(root, env) as head:
+        yield Cluster(root, env, mlflow, head, minimal_working_dir(root / "src"))
 
 
 def _client(uri):
@@ -328,16 +327,24 @@ def test_sweep_survives_a_killed_worker_a_killed_driver_and_a_diverging_trial(cl
 
     # Nothing of the two jobs is left in the cluster: no live actor, no placement group holding resources;
     # and stopping the cluster leaves no process behind.
-    alive = cluster.ray_list("actors", "state=ALIVE")
     # Ray Train V2 creates one detached, 0-CPU `AutoscalingCoordinator` per cluster, reused by every later
-    # job (Ray's own singleton, not ours): at most one may outlive the jobs, nothing else.
-    coordinators = [a for a in alive if a.get("class_name") == "_AutoscalingCoordinatorActor"]
+    # job (Ray's own singleton, not ours): at most one may outlive the jobs. Its detached
+    # `PlacementGroupCleaner` of a run exits by itself once it sees the run's controller gone (it polls):
+    # allowed a minute for that, nothing else.
+    deadline = time.monotonic() + 60
+    while True:
+        alive = cluster.ray_list("actors", "state=ALIVE")
+        coordinators = [a for a in alive if a.get("class_name") == "_AutoscalingCoordinatorActor"]
+        others = [a for a in alive if a not in coordinators]
+        exiting = [a for a in others if a.get("class_name") == "PlacementGroupCleaner"]
+        if not exiting or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert len(coordinators) <= 1, coordinators
-    others = [a for a in alive if a not in coordinators]
     assert others == [], [(a.get("class_name"), a.get("pid")) for a in others]
     assert cluster.ray_list("placement-groups", "state=CREATED") == []
-    cluster.stop()
-    wait_for(lambda: not processes_mentioning(str(cluster.temp_dir)), 60, interval=1,
+    cluster.head.stop()
+    wait_for(lambda: not processes_mentioning(str(cluster.head.temp_dir)), 60, interval=1,
              what="every process of the stopped cluster to exit")
 
 
@@ -348,8 +355,7 @@ def test_more_trials_than_cpus_queue_and_nothing_leaks(tmp_path):
     from vmrnn.tune import defaults as D
 
     sweep, n = "load", 20
-    marker = Path(f"/tmp/vmrnn-rt-{secrets.token_hex(4)}")  # the local Ray's temp dir (short: unix sockets);
-    # every process of that Ray names this path
+    marker = ray_temp_dir()  # the local Ray's temp dir: every process of that Ray names this path
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = scrubbed_env(RAY_TMPDIR=str(marker), VMRNN_CACHE_DIR=str(tmp_path / "cache"))
     cmd = [sys.executable, str(REPO / "sweeps" / "taxibj.py"), "--smoke", "--epochs", "1", "--num-samples", str(n),

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
 
 from vmrnn.train.config import TrainConfig
-
-MLFLOW_BIN = Path(sys.executable).with_name("mlflow")
 
 
 def write_taxibj(root: Path) -> Path:
@@ -43,57 +36,6 @@ def state_equal(a: dict, b: dict) -> bool:
 def strip_times(history: list[dict]) -> list[dict]:
     drop = ("epoch_time_s", "train_time_s", "samples_per_s")
     return [{k: v for k, v in h.items() if k not in drop} for h in history]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 (lean: 1 worker, no job execution), with bounded waits."""
-
-    def __init__(self, root: Path, port: int | None = None) -> None:
-        self.root = root
-        self.port = port or free_port()
-        self.proc: subprocess.Popen | None = None
-        self.uri = f"http://127.0.0.1:{self.port}"
-        (root / "artifacts").mkdir(parents=True, exist_ok=True)
-
-    def start(self, timeout: float = 60.0) -> MlflowServer:
-        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-        env.pop("MLFLOW_TRACKING_URI", None)
-        self.log = open(self.root / "server.log", "ab")
-        self.proc = subprocess.Popen(
-            [str(MLFLOW_BIN), "server", "--workers", "1", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-             "--default-artifact-root", str(self.root / "artifacts")],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited ({self.proc.returncode}); see {self.root / 'server.log'}")
-            try:
-                with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"mlflow server not healthy within {timeout} s; see {self.root / 'server.log'}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, 15)  # its own session: the server and its uvicorn worker
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, 9)
-                self.proc.wait(timeout=5)
-        self.proc = None
 
 
 def copy_tree(src: Path, dst: Path) -> Path:

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train_helpers import MlflowServer, free_port, tiny_cfg, write_taxibj
+from procs import MlflowServer, free_port
+from test_train_helpers import tiny_cfg, write_taxibj
 
 from vmrnn.data import build_dataset
 from vmrnn.tracking.models import load_forecaster

@@ -1,8 +1,6 @@
-"""Ray Train (V2) on CPU: 2 gloo workers with fractional CPUs, a killed worker, divergence (no mocks)."""
+"""Ray Train (V2) on CPU: 2 gloo workers with fractional CPUs, a SIGKILLed worker, divergence (no mocks)."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -14,19 +12,10 @@ from vmrnn.train.loop import REPORTED_KEYS, TrainingDiverged
 ray = pytest.importorskip("ray")
 from ray.train import CheckpointConfig, FailureConfig, RunConfig  # noqa: E402
 
+from faults import KillWorkerAfterReport  # noqa: E402
 from vmrnn.train.ray_train import build_trainer, fit  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +23,7 @@ def data_root(tmp_path_factory):
     return write_taxibj(tmp_path_factory.mktemp("data"))
 
 
-def test_two_workers_learn_survive_a_killed_worker_and_match_plain_ddp(ray_cluster, data_root, tmp_path):
+def test_two_workers_learn_survive_a_killed_worker_and_match_plain_ddp(local_ray, data_root, tmp_path):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -42,13 +31,13 @@ def test_two_workers_learn_survive_a_killed_worker_and_match_plain_ddp(ray_clust
     marker = tmp_path / "killed"
     run_config = RunConfig(name="ray-run", storage_path=str(tmp_path / "ray"),
                            failure_config=FailureConfig(max_failures=1),
-                           checkpoint_config=CheckpointConfig(num_to_keep=2))
+                           checkpoint_config=CheckpointConfig(num_to_keep=2),
+                           callbacks=[KillWorkerAfterReport(rank=1, reports=2, marker=marker)])  # after epoch 1
     trainer = build_trainer(cfg, num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5},
-                            run_config=run_config,
-                            fault_injection={"epoch": 1, "rank": 1, "marker": str(marker)})
+                            run_config=run_config)
     result = trainer.fit()
 
-    assert marker.exists()  # rank 1 really died (os._exit) after epoch 1 ...
+    assert marker.exists()  # rank 1 really died (SIGKILL) after reporting epoch 1 ...
     rv = result.return_value
     assert rv["resumed_from_epoch"] in (0, 1)  # ... and the new worker group resumed from a checkpoint
     assert set(REPORTED_KEYS) <= set(result.metrics) and result.metrics["epoch"] == 2
@@ -72,7 +61,7 @@ def test_two_workers_learn_survive_a_killed_worker_and_match_plain_ddp(ray_clust
     assert state_equal(load_state(result.checkpoint.path)["model"], ref["model"])
 
 
-def test_divergence_is_reported_not_retried(ray_cluster, data_root, tmp_path):
+def test_divergence_is_reported_not_retried(local_ray, data_root, tmp_path):
     cfg = tiny_cfg(data_root, lr=1e10, warmup_epochs=0, epochs=2, max_train_batches=8)
     with pytest.raises(TrainingDiverged, match="epoch 0"):
         fit(cfg, num_workers=1, resources_per_worker={"CPU": 0.5}, storage_path=str(tmp_path / "ray"),

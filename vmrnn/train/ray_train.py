@@ -101,17 +101,6 @@ def _load_resume(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
     return state
 
 
-def _maybe_crash(fault: dict[str, Any] | None, epoch: int, rank: int) -> None:
-    """Test hook: kill this worker process once (marker file) after reporting `epoch`."""
-    if not fault or fault.get("epoch") != epoch or fault.get("rank", 0) != rank:
-        return
-    marker = Path(fault["marker"])
-    if marker.exists():
-        return
-    marker.write_text(f"worker rank {rank} killed after epoch {epoch}\n")
-    os._exit(1)
-
-
 def _input_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean 'bad input' (data, config, checkpoint), deterministic: retrying cannot help."""
     from vmrnn.data.errors import DataError
@@ -135,15 +124,14 @@ def raise_if_failed(summary: Any) -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train worker entry. config: {"train_config": TrainConfig dict (resolved in the driver, with
-    run_key, as `build_trainer` passes it), "threads_per_worker": int, "fault_injection": test hook}, or a
-    plain resolved TrainConfig dict. Returns a summary (rank 0's becomes `Result.return_value`)."""
+    """Ray Train worker entry. config: {"train_config": TrainConfig dict (resolved, with run_key, as
+    `build_trainer` passes it), "threads_per_worker": int}, or a plain TrainConfig dict. Returns a summary
+    (rank 0's becomes `Result.return_value`)."""
     import torch
 
     if "train_config" not in config:
         config = {"train_config": config}
     cfg = TrainConfig.from_dict(config["train_config"])
-    fault = config.get("fault_injection")
     env = _ray_env()
     cfg = effective_config(cfg, env)  # before the MLflow run opens: its params record what runs
     if env.device.type == "cpu":
@@ -172,7 +160,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 checkpoint=checkpoint,
                 checkpoint_dir_name=f"checkpoint_epoch{res.epoch:04d}_{time.time_ns()}",
             )
-        _maybe_crash(fault, res.epoch, env.rank)
 
     try:
         result = run_training(cfg, env, resume=resume, on_epoch_end=on_epoch_end, tracker=tracker)
@@ -261,7 +248,6 @@ def build_trainer(
     use_gpu: bool,
     resources_per_worker: dict | None,
     run_config: RunConfig,
-    fault_injection: dict[str, Any] | None = None,
     threads_per_worker: int = 1,
 ) -> TorchTrainer:
     """A TorchTrainer that runs `train_loop_per_worker` on `num_workers` workers (gloo on CPU, NCCL on GPU).
@@ -275,7 +261,6 @@ def build_trainer(
         use_gpu=use_gpu,
         resources_per_worker=resources_per_worker,
         run_config=run_config,
-        fault_injection=fault_injection,
         threads_per_worker=threads_per_worker,
     )
 
@@ -287,7 +272,6 @@ def _trainer(
     use_gpu: bool,
     resources_per_worker: dict | None,
     run_config: RunConfig,
-    fault_injection: dict[str, Any] | None,
     threads_per_worker: int,
 ) -> TorchTrainer:
     """build_trainer for a config from prepare_config."""
@@ -301,7 +285,6 @@ def _trainer(
         train_loop_per_worker,
         train_loop_config={
             "train_config": cfg.to_dict(),
-            "fault_injection": fault_injection,
             "threads_per_worker": threads_per_worker,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -321,7 +304,6 @@ def fit(
     max_failures: int = 2,
     num_to_keep: int = 2,
     progress: bool = True,
-    fault_injection: dict[str, Any] | None = None,
     threads_per_worker: int | None = None,
 ) -> ray.train.Result:
     """Run one TorchTrainer to completion (starting a local Ray if none is connected); for the CLI.
@@ -351,7 +333,6 @@ def fit(
         use_gpu=use_gpu,
         resources_per_worker=resources_per_worker,
         run_config=run_config,
-        fault_injection=fault_injection,
         threads_per_worker=threads_per_worker,
     )
     result = trainer.fit()

@@ -199,7 +199,8 @@ def build_parser(spec: SweepSpec, prog: str | None = None) -> argparse.ArgumentP
         metavar="PATH_OR_URI",
         help="where Tune and Train keep sweep state and checkpoints: a local path or a cloud URI "
         "(s3://, gs://, ...); must be shared by all nodes of a multi-node cluster "
-        "(default: $VMRNN_STORAGE_PATH or ~/ray_results)",
+        "(default: $VMRNN_STORAGE_PATH, else ray_results beside a local MLflow store, e.g. "
+        "./ray_results beside ./mlflow.db, else ~/ray_results)",
     )
     g.add_argument(
         "--tracking-uri",
@@ -357,14 +358,15 @@ class SweepPlace:
 
 
 def sweep_place(spec: SweepSpec, args: argparse.Namespace) -> SweepPlace:
-    storage = args.storage_path or D.default_storage_path()
+    tracking_uri = absolute_tracking_uri(args.tracking_uri or uris.default_tracking_uri())
+    storage = args.storage_path or D.default_storage_path(tracking_uri)
     storage = storage.rstrip("/") if "://" in storage else os.path.abspath(os.path.expanduser(storage))
     name = args.name or D.default_sweep_name(spec.dataset, bool(args.smoke))
     return SweepPlace(
         name=name,
         storage_path=storage,
         exp_path=join(storage, name),
-        tracking_uri=absolute_tracking_uri(args.tracking_uri or uris.default_tracking_uri()),
+        tracking_uri=tracking_uri,
         experiment=args.experiment or experiments.default_experiment(spec.dataset),
     )
 

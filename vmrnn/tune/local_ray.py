@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -63,6 +64,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, log_to_d
             dashboard_host="127.0.0.1",
             dashboard_port=_dashboard_port(),
             log_to_driver=log_to_driver,
+            logging_level=logging.WARNING,  # the sweep's header names the dashboard: no "Started a local Ray"
         )
         mode = "local"
     res = ray.cluster_resources()

@@ -33,10 +33,12 @@ import ray.train.torch  # noqa: E402
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback  # noqa: E402
 from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
+from vmrnn.tracking.tags import ROLE_TRIAL, TAG_ROLE
 from vmrnn.train.checkpoint import BEST_FILE, load_state, write_checkpoint
 from vmrnn.train.config import TrainConfig
 from vmrnn.train.distributed import DistEnv
 from vmrnn.train.loop import REPORTED_KEYS, EpochResult, TrainingDiverged, effective_config, run_training
+from vmrnn.train.phases import set_phase
 
 log = logging.getLogger("vmrnn.train")
 
@@ -152,13 +154,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     resume = _load_resume(ckpt) if ckpt is not None else None
     if resume is not None and env.is_main:
         log.info("resuming from %s (epoch %d)", resume.get("path"), resume["epoch"])
+    # A sweep trial's rank 0 tells the sweep's progress table what it is doing until its first result.
+    show_phase = env.is_main and (cfg.tags or {}).get(TAG_ROLE) == ROLE_TRIAL and bool(cfg.run_key)
     tracker = None
     if cfg.tracking and env.is_main:
         from vmrnn.tracking.runs import RunTracker
 
+        if show_phase:
+            set_phase(cfg.run_key, "opening its MLflow run")
         tracker = RunTracker.open(
             cfg, run_id=(resume or {}).get("mlflow_run_id"), history=(resume or {}).get("history", [])
         )
+    if show_phase:
+        set_phase(cfg.run_key, "resuming" if resume is not None else "first epoch")
 
     def on_epoch_end(res: EpochResult) -> None:
         with tempfile.TemporaryDirectory(prefix="vmrnn-ckpt-") as d:

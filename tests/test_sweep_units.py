@@ -13,9 +13,9 @@ from vmrnn.tracking.sweep_plots import study_from_rows
 from vmrnn.tracking.sweeps import TrialRow
 from vmrnn.tune import defaults as D
 from vmrnn.tune import spaces
+from vmrnn.tune.args import SweepError, build_parser, resolve_settings
 from vmrnn.tune.local_ray import ClusterInfo, plan_resources
 from vmrnn.tune.scheduler import EpochASHA, epochs_done
-from vmrnn.tune.args import SweepError, build_parser, resolve_settings
 
 SPECS = {name: runpy.run_path(str(REPO / "sweeps" / f"{name}.py"))["SPEC"] for name in ("taxibj", "kth", "mmnist")}
 

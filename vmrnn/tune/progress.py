@@ -41,8 +41,8 @@ def _fmt(value: float | None, width: int = 10) -> str:
 class ProgressTable(Callback):
     """A compact table of the trials (trial, status, epoch, val MSE, best so far, and what a trial without a
     result yet is doing: "starting 2 workers (12 s)"), printed when a trial starts or ends, at most every
-    `interval_s` seconds on new results, and at most every `phase_interval_s` when a starting trial moves
-    on to its next phase (vmrnn.train.phases)."""
+    `interval_s` seconds on new results, and while a trial starts: at most every `phase_interval_s` when it
+    moves on to its next phase (vmrnn.train.phases), else every 3 x `phase_interval_s`."""
 
     def __init__(
         self,
@@ -137,7 +137,9 @@ class ProgressTable(Callback):
     def on_step_end(self, iteration, trials, **info):
         current = self._poll_phases(trials)
         moved = any(self._shown_phases.get(k) != v for k, v in current.items())
-        if moved and time.monotonic() - self._last_print >= self.phase_interval_s:
+        quiet_for = time.monotonic() - self._last_print
+        # A new phase (at most every phase_interval_s), or the same one still going (every 3 phase intervals).
+        if current and (quiet_for >= 3 * self.phase_interval_s or (moved and quiet_for >= self.phase_interval_s)):
             self._print(trials, force=True)
             self._shown_phases.update(current)
 

@@ -243,13 +243,16 @@ class ProgressCallback(UserCallback):
         )
 
 
-def prepare_config(cfg: TrainConfig | dict[str, Any]) -> TrainConfig:
-    """Resolve in the driver (absolute paths, pinned MLflow URI, a run_key), check the data is there and
-    MLflow is reachable (fails within seconds, naming the URI) so that workers never start doomed."""
+def prepare_config(cfg: TrainConfig | dict[str, Any], *, check: bool = True) -> TrainConfig:
+    """Resolve in the driver (absolute paths, pinned MLflow URI, a run_key), and unless `check` is off (a
+    caller that checked both already) check the data is there and MLflow is reachable (fails within
+    seconds, naming the URI) so that workers never start doomed."""
     from vmrnn.data import open_store
 
     cfg = TrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
     cfg = cfg.resolved().with_run_key()
+    if not check:
+        return cfg
     # Missing or malformed data is a DataError here, once, not a worker failure that Ray retries.
     open_store(cfg.dataset, cfg.data_dir, cfg.data_options.get("prepared", "auto"))
     if cfg.tracking:
@@ -268,14 +271,17 @@ def build_trainer(
     run_config: RunConfig,
     fault_injection: dict[str, Any] | None = None,
     threads_per_worker: int = 1,
+    check: bool = True,
 ) -> TorchTrainer:
     """A TorchTrainer that runs `train_loop_per_worker` on `num_workers` workers (gloo on CPU, NCCL on GPU).
 
     `cfg.batch_size` is per worker. The caller owns `run_config` (name, storage_path, failure_config,
     checkpoint_config, callbacks); a run_config without failure/checkpoint settings keeps Ray's defaults.
-    `cfg` is resolved here (prepare_config), once: the workers get it resolved."""
+    `cfg` is resolved here (prepare_config), once: the workers get it resolved; `check=False` skips the
+    data and MLflow checks (a sweep's trials: the sweep checked both before Ray started, and they would
+    cost each trial an MLflow import and store set-up)."""
     return _trainer(
-        prepare_config(cfg),
+        prepare_config(cfg, check=check),
         num_workers=num_workers,
         use_gpu=use_gpu,
         resources_per_worker=resources_per_worker,

@@ -66,7 +66,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 
     from vmrnn.train.ray_train import build_trainer, raise_if_failed
 
-    set_phase(key, "checking data and MLflow")
+    set_phase(key, "building its trainer")
     cfg = trial_train_config(setup, config, trial_id)
     # Same name and storage on a restart (a resumed sweep): Ray Train V2 picks up the run's latest
     # checkpoint, and the training layer continues the same MLflow run (run_key).
@@ -84,6 +84,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         resources_per_worker=dict(setup.resources_per_worker),
         run_config=run_config,
         threads_per_worker=setup.threads_per_worker,
+        check=False,  # the sweep checked the data and the MLflow store before Ray started
     )
     set_phase(key, f"starting {setup.num_workers} worker{'s' if setup.num_workers > 1 else ''}")
     try:

@@ -61,14 +61,17 @@ def smoke_data_dir(dataset: str) -> str:
     return os.path.join(smoke_cache_dir(), f"{dataset}-small-seed0")
 
 
-# --smoke: a tiny model on small synthetic data, on CPU, in a few minutes on 2 cores.
+# --smoke: a tiny model on small synthetic data, on CPU, in a few minutes on 2 cores. A trial takes 1 CPU
+# (0.5 for its driver, which mostly waits, and 2 workers x 0.25), so 2 cores run two at once: most of a
+# smoke trial is start-up (Ray Train's controller and worker processes), which then overlaps another
+# trial's epochs.
 SMOKE = {
     "num_samples": 3,
     "epochs": 2,
     "workers_per_trial": 2,
     "gpus_per_worker": 0.0,
-    "cpus_per_worker": 0.5,
-    "trial_cpus": 1.0,
+    "cpus_per_worker": 0.25,
+    "trial_cpus": 0.5,
     "max_train_batches": 4,
     "max_val_batches": 2,
     "grace_period": 1,

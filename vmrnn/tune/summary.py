@@ -212,7 +212,8 @@ def ui_command(tracking_uri: str) -> str:
     run as printed (vmrnn.commands)."""
     if is_remote(tracking_uri):
         return f"open {strip_credentials(tracking_uri)} in a browser"
-    return f"{commands.tool('mlflow', 'mlflow')} ui --backend-store-uri {shlex.quote(tracking_uri)}"
+    store = shlex.quote(strip_credentials(tracking_uri))  # a database's password is not printed
+    return f"{commands.tool('mlflow', 'mlflow')} ui --backend-store-uri {store}"
 
 
 def look_line(tracker: SweepTracker, parent_id: str) -> str:

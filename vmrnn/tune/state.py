@@ -61,6 +61,14 @@ def can_restore(exp_path: str) -> bool:
     return tune.Tuner.can_restore(exp_path)
 
 
+def _restorable_elsewhere(path: str) -> bool:
+    """Tune state at a place only the parent run's tag names (a cloud URI may be out of reach here)."""
+    try:
+        return can_restore(path)
+    except Exception:
+        return False
+
+
 def explicit_loggers(binding: dict[str, Any] | None, restore: bool) -> bool:
     """Whether the Tuner carries its own CSV and JSON result loggers (and Tune must add none, so no
     TensorBoard logger either): every new Tuner does; a restored one keeps the callbacks it was saved
@@ -123,8 +131,8 @@ def check_agreement(place: SweepPlace, parent: Any, restorable: bool, binding: d
         if bound_uri and bound_uri != uri:
             raise SweepError(
                 f"the Tune state of sweep {name!r} at {exp_path} reported to MLflow {bound_uri} (parent run "
-                f"{bound_run}), not to {uri}: pass --tracking-uri {bound_uri} to resume it, or --name NEW to "
-                "start another sweep"
+                f"{bound_run}), not to {uri}: pass --tracking-uri {shlex.quote(bound_uri)} to resume it, or "
+                "--name NEW to start another sweep"
             )
         what = f"parent run {bound_run}" if bound_run else "a parent run"
         raise SweepError(
@@ -134,10 +142,10 @@ def check_agreement(place: SweepPlace, parent: Any, restorable: bool, binding: d
         )
     if parent is not None:
         recorded = parent.data.tags.get(tags.TAG_TUNE_PATH)
-        if recorded and recorded.rstrip("/") != exp_path.rstrip("/") and can_restore(recorded):
+        if recorded and recorded.rstrip("/") != exp_path.rstrip("/") and _restorable_elsewhere(recorded):
             storage = recorded.rstrip("/").rpartition("/")[0]
             raise SweepError(
                 f"sweep {name!r} (parent run {parent_id}) keeps its Tune state at {recorded}, not at "
-                f"{exp_path}: pass --storage-path {storage} to resume it"
+                f"{exp_path}: pass --storage-path {shlex.quote(storage)} to resume it"
             )
     return False

@@ -198,7 +198,7 @@ def test_sweep_survives_a_killed_worker_a_killed_driver_and_a_diverging_trial(cl
     storage = cluster.root / "ray_results"
     # 8 batches an epoch (smoke: 4): time to kill a worker between the first and the last checkpoint.
     args = ("--smoke", "--epochs", str(epochs), "--num-samples", "4", "--point", "lr=1e10,warmup_epochs=0",
-            "--set", "max_train_batches=8",
+            "--set", "max_train_batches=8", "--trial-cpus", "1", "--cpus-per-worker", "0.5",  # one trial at a time
             "--name", sweep, "--tracking-uri", cluster.uri, "--storage-path", str(storage))
     client = _client(cluster.uri)
     cluster.submit("faults-1", *args)

@@ -1,9 +1,13 @@
-from vmrnn.tracking import tags
 """The README's main command, end to end on CPU with real components only.
 
-- test_smoke_sweep_on_embedded_defaults: `python sweeps/taxibj.py --smoke` in an empty folder: local Ray
-  started by the script, MLflow's default ./mlflow.db, the real training layer and registry; running it
-  again finds the finished sweep and changes nothing.
+test_smoke_sweep_on_embedded_defaults: `python sweeps/taxibj.py --smoke` in an empty folder, as after the
+README's set-up (the venv never activated: its bin folder is not on PATH): local Ray started by the script,
+MLflow's default ./mlflow.db with the Tune state beside it in ./ray_results, the real training layer and
+registry. Then, without starting Ray again:
+- the commands the summary prints (`mlflow ui ...`, `vmrnn predict ...`) run as printed from a shell;
+- the same command again says the sweep already finished and changes nothing in MLflow;
+- Tune state whose MLflow store is gone (a deleted mlflow.db, or a second checkout pointed at the first
+  one's state) is refused in one line that says what to do.
 
 A sweep submitted with `ray job submit` to a `ray start` head and a real `mlflow server`, whose driver is
 killed and which is then resumed, registered and used by `vmrnn predict`, is
@@ -14,16 +18,23 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO
+from procs import free_port, http_ok, stop_group, wait_for
+from vmrnn.tracking import tags
 
 pytestmark = pytest.mark.slow
+VENV_BIN = str(Path(sys.executable).parent)
+
 
 def check_sweep_in_mlflow(uri: str, sweep: str, n_trials: int) -> dict:
     """The MLflow layout of a finished sweep; returns what later checks need."""
@@ -79,34 +90,96 @@ def check_champion(client, best_run_id: str, sweep: str) -> None:
     assert len([v for v in versions if v.run_id == best_run_id]) == 1, "the run is registered once"
 
 
-@pytest.mark.timeout(600)
+def _printed(out: str, marker: str) -> str:
+    """The command the sweep printed after `marker` on one of its lines."""
+    lines = [line.split(marker, 1)[1].strip() for line in out.splitlines() if marker in line]
+    assert lines, f"no line with {marker!r} in:\n{out[-3000:]}"
+    return lines[-1]
+
+
+@pytest.mark.timeout(900)
 def test_smoke_sweep_on_embedded_defaults(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING"))}
-    env.update(RAY_USAGE_STATS_ENABLED="0", VMRNN_STORAGE_PATH=str(tmp_path / "ray_results"),
-               VMRNN_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING", "VMRNN_"))}
+    # As after the README's set-up: the venv is never activated, so its bin folder is not on PATH.
+    path = os.pathsep.join(p for p in env.get("PATH", "/usr/bin:/bin").split(os.pathsep) if p and p != VENV_BIN)
+    env.update(RAY_USAGE_STATS_ENABLED="0", VMRNN_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1",
+               HOME=str(tmp_path / "home"), PATH=path)
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # the script sets it for its local Ray
     cmd = [sys.executable, str(REPO / "sweeps" / "taxibj.py"), "--smoke"]
     t0 = time.monotonic()
-    first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=480)
+    first = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=600)
     elapsed = time.monotonic() - t0
     assert first.returncode == 0, (first.stdout + first.stderr)[-5000:]
     out = first.stdout
     assert "sweep taxibj-smoke" in out and "trial" in out and "best so far" in out  # the live table
     assert "registered: vmrnn-taxibj version 1 is the champion" in out
-    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in out
-    assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "mlruns").is_dir()
-    assert elapsed < 300, f"--smoke took {elapsed:.0f} s"
+    # Quiet: no TensorBoard advice, no MLflow registration chatter, no database set-up notes.
+    for noise in ("TensorBoard", "already exists. Creating a new version", "Created version", "has no artifacts",
+                  "Creating initial MLflow database tables"):
+        assert noise not in first.stdout + first.stderr, noise
+    # The state lives beside the store it reports to (each checkout its own).
+    assert (clone / "mlflow.db").is_file() and (clone / "mlruns").is_dir()
+    assert (clone / "ray_results" / "taxibj-smoke").is_dir() and not (tmp_path / "home" / "ray_results").exists()
+    print(f"smoke sweep: {elapsed:.0f} s")
+    assert elapsed < 400, f"--smoke took {elapsed:.0f} s"
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{clone / 'mlflow.db'}"
     got = check_sweep_in_mlflow(uri, "taxibj-smoke", n_trials=3)
     check_champion(got["client"], got["best_run_id"], "taxibj-smoke")
-    n_runs = len(got["client"].search_runs([got["parent"].info.experiment_id]))
+    client, parent = got["client"], got["parent"]
+    n_runs = len(client.search_runs([parent.info.experiment_id]))
 
-    # The same command again: the finished sweep is found (Tuner.restore), nothing runs, nothing is added.
-    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    # The printed commands, run as printed from a shell without the venv on PATH.
+    ui = _printed(out, "look with: ")
+    assert ui == f"{VENV_BIN}/mlflow ui --backend-store-uri {uri}", ui
+    port = free_port()
+    server = subprocess.Popen(["bash", "-c", ui], cwd=clone, env=dict(env, MLFLOW_PORT=str(port), MLFLOW_WORKERS="1",
+                              MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 120, what="the printed `mlflow ui`")
+        search = f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/get-by-name?experiment_name=vmrnn-taxibj"
+        assert http_ok(search)
+    finally:
+        stop_group(server)
+    predict = _printed(out, "predict: ")
+    assert predict.startswith(f"{VENV_BIN}/vmrnn predict --model models:/vmrnn-taxibj@champion "), predict
+    np.save(clone / "x.npy", np.random.default_rng(0).random((1, 4, 2, 32, 32), dtype=np.float32))
+    ran = subprocess.run(["bash", "-c", predict], cwd=clone, env=env, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert np.load(clone / "y.npy").shape == (1, 4, 2, 32, 32)
+
+    # The same command again: the sweep is finished; nothing runs, nothing is logged again.
+    t0 = time.monotonic()
+    again = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, (again.stdout + again.stderr)[-5000:]
-    assert "(resuming)" in again.stdout and "already the champion" in again.stdout
-    got2 = check_sweep_in_mlflow(uri, "taxibj-smoke", n_trials=3)
-    assert len(got2["client"].search_runs([got["parent"].info.experiment_id])) == n_runs
-    assert got2["best_run_id"] == got["best_run_id"]
-    assert len(got2["client"].search_model_versions("name = 'vmrnn-taxibj'")) == 1
+    assert again.stdout.splitlines()[0] == (
+        "sweep taxibj-smoke already finished (3 trials, champion v1); use --name to start another"), again.stdout
+    assert "Started a local Ray" not in again.stdout + again.stderr and time.monotonic() - t0 < 120
+    after = client.get_run(parent.info.run_id)
+    assert after.info.end_time == parent.info.end_time and after.info.status == "FINISHED"
+    assert len(client.get_metric_history(parent.info.run_id, "best_val_mse")) == 1
+    assert len(client.search_runs([parent.info.experiment_id])) == n_runs
+    assert len(client.search_model_versions("name = 'vmrnn-taxibj'")) == 1
+
+    # A second checkout pointed at this one's Tune state, with its own (empty) store: one line, what to do.
+    other = tmp_path / "other"
+    other.mkdir()
+    state = clone / "ray_results"
+    shared = subprocess.run([*cmd, "--storage-path", str(state)], cwd=other, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert shared.returncode == 2, shared.stdout + shared.stderr
+    error = shared.stderr.strip().splitlines()
+    assert len(error) == 1 and f"pass --tracking-uri {uri} to resume it" in error[0], shared.stderr
+    assert not (other / "ray_results").exists()
+
+    # The store deleted to start over, its Tune state left behind: one line naming the folder to remove.
+    shutil.move(clone / "mlflow.db", tmp_path / "mlflow.db.old")
+    shutil.rmtree(clone / "mlruns")
+    orphan = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=300)
+    assert orphan.returncode == 2, orphan.stdout + orphan.stderr
+    error = orphan.stderr.strip().splitlines()
+    remove = f"rm -r {shlex.quote(str(state / 'taxibj-smoke'))} to start the sweep afresh"
+    assert len(error) == 1 and remove in error[0], orphan.stderr

@@ -10,10 +10,10 @@ from ray.tune import Result
 from ray.tune.experiment import Trial
 
 from vmrnn.tracking import tags
+from vmrnn.tracking.sweeps import SweepTracker, run_key
 from vmrnn.tune import defaults as D
 from vmrnn.tune.progress import ProgressTable, TrialStatusToMLflow, bind_sweep
 from vmrnn.tune.results import rows_from_results, status_of_result, status_of_trial
-from vmrnn.tracking.sweeps import SweepTracker, run_key
 
 EPOCHS = 3
 SWEEP = "s"

@@ -13,9 +13,9 @@ from vmrnn.tracking.sweep_plots import study_from_rows
 from vmrnn.tracking.sweeps import TrialRow
 from vmrnn.tune import defaults as D
 from vmrnn.tune import spaces
+from vmrnn.tune.args import SweepError, build_parser, resolve_settings
 from vmrnn.tune.local_ray import ClusterInfo, plan_resources
 from vmrnn.tune.scheduler import EpochASHA, epochs_done
-from vmrnn.tune.args import SweepError, build_parser, resolve_settings
 
 SPECS = {name: runpy.run_path(str(REPO / "sweeps" / f"{name}.py"))["SPEC"] for name in ("taxibj", "kth", "mmnist")}
 
@@ -70,6 +70,11 @@ def test_settings_defaults_smoke_and_resume():
     s = resolve_settings(spec, _args(smoke=True), {})
     assert (s["epochs"], s["num_samples"], s["workers_per_trial"], s["preset"]) == (2, 3, 2, "taxibj-tiny")
     assert s["data_dir"].endswith("taxibj-small-seed0")
+    # 2 cores run two smoke trials at once (1 CPU each: the driver's 0.5 and 2 workers x 0.25).
+    plan = plan_resources(ClusterInfo("local", "x", None, cpus=2, gpus=0), workers_per_trial=s["workers_per_trial"],
+                          gpus_per_worker=s["gpus_per_worker"], cpus_per_worker=s["cpus_per_worker"],
+                          max_concurrent=None, num_samples=s["num_samples"], driver_cpus=s["trial_cpus"])
+    assert plan.max_concurrent == 2 and plan.per_worker == {"CPU": 0.25}
     real = resolve_settings(spec, _args(data_dir="/data"), {})
     assert (real["epochs"], real["num_samples"], real["grace_period"], real["preset"]) == (50, 32, 6, "taxibj")
     # Resuming: omitted flags come from the parent run's params; contradicting ones are refused.

@@ -18,7 +18,6 @@ from typing import Any
 
 from vmrnn.tracking import tags as T
 from vmrnn.tracking import uris
-from vmrnn.tracking.uris import pinned_tracking_uri
 from vmrnn.tune import defaults as D
 from vmrnn.tune.values import finite_float
 
@@ -85,6 +84,25 @@ def decide(
     return False, f"val_mse {new_mse:.6g} does not beat the champion's {champ_mse:.6g}"
 
 
+def _logged_model_uri(client, run_id: str, artifact_path: str) -> str:
+    """models:/<model_id> of the model the run logged under `artifact_path`: the run's tag vmrnn.model_uri
+    (set by the training layer), else the logged model of that name whose source is the run."""
+    from mlflow.exceptions import MlflowException
+
+    run = client.get_run(run_id)
+    uri = run.data.tags.get(T.TAG_MODEL_URI, "")
+    if uri.startswith("models:/m-"):
+        return uri
+    models = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{artifact_path}'",
+        order_by=[{"field_name": "creation_timestamp", "ascending": False}],
+    )
+    if not models:
+        raise MlflowException(f"run {run_id} logged no model named {artifact_path!r}")
+    return f"models:/{models[0].model_id}"
+
+
 def register_best(
     tracking_uri: str,
     *,
@@ -101,7 +119,6 @@ def register_best(
 ) -> Registration:
     """Register runs:/<run_id>/<artifact_path> as `name` (default vmrnn-<dataset>) and move the
     aliases by the rules above."""
-    import mlflow
     from mlflow.exceptions import MlflowException
 
     name = name or D.registered_model_name(dataset)
@@ -137,8 +154,12 @@ def register_best(
     if existing:
         mv = max(existing, key=lambda v: int(v.version))
     else:
-        with pinned_tracking_uri(tracking_uri):
-            mv = mlflow.register_model(f"runs:/{run_id}/{artifact_path}", name, tags=tags)
+        # From the logged model's own URI (models:/m-...), linked to the run: mlflow.register_model would
+        # look for files under runs:/<id>/model first (a logged model has none there) and print its notes.
+        source = _logged_model_uri(client, run_id, artifact_path)
+        mv = client.create_model_version(
+            name, source=source, run_id=run_id, tags=tags, model_id=source[len("models:/") :]
+        )
     for key, value in tags.items():
         if mv.tags.get(key) != value:
             client.set_model_version_tag(name, mv.version, key, value)

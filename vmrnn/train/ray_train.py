@@ -33,10 +33,12 @@ import ray.train.torch  # noqa: E402
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback  # noqa: E402
 from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
+from vmrnn.tracking.tags import ROLE_TRIAL, TAG_ROLE
 from vmrnn.train.checkpoint import BEST_FILE, load_state, write_checkpoint
 from vmrnn.train.config import TrainConfig
 from vmrnn.train.distributed import DistEnv
 from vmrnn.train.loop import REPORTED_KEYS, EpochResult, TrainingDiverged, effective_config, run_training
+from vmrnn.train.phases import set_phase
 
 log = logging.getLogger("vmrnn.train")
 
@@ -140,13 +142,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     resume = _load_resume(ckpt) if ckpt is not None else None
     if resume is not None and env.is_main:
         log.info("resuming from %s (epoch %d)", resume.get("path"), resume["epoch"])
+    # A sweep trial's rank 0 tells the sweep's progress table what it is doing until its first result.
+    show_phase = env.is_main and (cfg.tags or {}).get(TAG_ROLE) == ROLE_TRIAL and bool(cfg.run_key)
     tracker = None
     if cfg.tracking and env.is_main:
         from vmrnn.tracking.runs import RunTracker
 
+        if show_phase:
+            set_phase(cfg.run_key, "opening its MLflow run")
         tracker = RunTracker.open(
             cfg, run_id=(resume or {}).get("mlflow_run_id"), history=(resume or {}).get("history", [])
         )
+    if show_phase:
+        set_phase(cfg.run_key, "resuming" if resume is not None else "first epoch")
 
     def on_epoch_end(res: EpochResult) -> None:
         with tempfile.TemporaryDirectory(prefix="vmrnn-ckpt-") as d:
@@ -222,15 +230,18 @@ class ProgressCallback(UserCallback):
         )
 
 
-def prepare_config(cfg: TrainConfig | dict[str, Any]) -> TrainConfig:
-    """Resolve in the driver (absolute paths, pinned MLflow URI, a run_key), check the data is there and
-    MLflow is reachable (fails within seconds, naming the URI) so that workers never start doomed."""
+def prepare_config(cfg: TrainConfig | dict[str, Any], *, check: bool = True) -> TrainConfig:
+    """Resolve in the driver (absolute paths, pinned MLflow URI, a run_key), and unless `check` is off (a
+    caller that checked both already) check the data is there and MLflow is reachable (fails within
+    seconds, naming the URI) so that workers never start doomed."""
     from vmrnn.data import open_store
 
     cfg = TrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
     if getattr(cfg, "_prepared", False):  # the CLI prepares before `fit`, which prepares again: once is enough
         return cfg
     cfg = cfg.resolved().with_run_key()
+    if not check:
+        return cfg
     # Missing or malformed data is a DataError here, once, not a worker failure that Ray retries.
     open_store(cfg.dataset, cfg.data_dir, cfg.data_options.get("prepared", "auto"))
     if cfg.tracking:
@@ -249,14 +260,17 @@ def build_trainer(
     resources_per_worker: dict | None,
     run_config: RunConfig,
     threads_per_worker: int = 1,
+    check: bool = True,
 ) -> TorchTrainer:
     """A TorchTrainer that runs `train_loop_per_worker` on `num_workers` workers (gloo on CPU, NCCL on GPU).
 
     `cfg.batch_size` is per worker. The caller owns `run_config` (name, storage_path, failure_config,
     checkpoint_config, callbacks); a run_config without failure/checkpoint settings keeps Ray's defaults.
-    `cfg` is resolved here (prepare_config), once: the workers get it resolved."""
+    `cfg` is resolved here (prepare_config), once: the workers get it resolved; `check=False` skips the
+    data and MLflow checks (a sweep's trials: the sweep checked both before Ray started, and they would
+    cost each trial an MLflow import and store set-up)."""
     return _trainer(
-        prepare_config(cfg),
+        prepare_config(cfg, check=check),
         num_workers=num_workers,
         use_gpu=use_gpu,
         resources_per_worker=resources_per_worker,

@@ -10,6 +10,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any
 
+from vmrnn import commands
 from vmrnn.data.remote import is_remote
 from vmrnn.tracking import experiments, uris
 from vmrnn.tracking.uris import absolute_tracking_uri
@@ -63,6 +64,7 @@ SWEEP_OWNED = (
 
 def build_parser(spec: SweepSpec, prog: str | None = None) -> argparse.ArgumentParser:
     name = spec.dataset
+    py, ray = commands.python(), commands.tool("ray")  # as the user's shell runs them (a venv not activated)
     p = argparse.ArgumentParser(
         prog=prog or f"sweeps/{name}.py",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -80,9 +82,9 @@ def build_parser(spec: SweepSpec, prog: str | None = None) -> argparse.ArgumentP
         epilog=textwrap.dedent(
             f"""\
             examples:
-              python sweeps/{name}.py --smoke                  # tiny model, synthetic data, CPU, minutes
-              python sweeps/{name}.py --data-dir ./data --num-samples 32 --epochs 50
-              ray job submit --working-dir . -- python sweeps/{name}.py --data-dir /shared/data \\
+              {py} sweeps/{name}.py --smoke                  # tiny model, synthetic data, CPU, minutes
+              {py} sweeps/{name}.py --data-dir ./data --num-samples 32 --epochs 50
+              {ray} job submit --working-dir . -- python sweeps/{name}.py --data-dir /shared/data \\
                   --storage-path s3://bucket/sweeps --tracking-uri http://mlflow:5000
 
             defaults (real sweeps): {spec.num_samples} trials x {spec.epochs} epochs, """
@@ -165,14 +167,16 @@ def build_parser(spec: SweepSpec, prog: str | None = None) -> argparse.ArgumentP
         "--cpus-per-worker",
         type=float,
         metavar="C",
-        help="CPUs per worker (default: 1 with GPUs, 0.5 on CPU); each trial's driver adds --trial-cpus",
+        help=f"CPUs per worker (default: 1 with GPUs, 0.5 on CPU, smoke {D.SMOKE['cpus_per_worker']:g}); each "
+        "trial's driver adds --trial-cpus",
     )
     g.add_argument(
         "--trial-cpus",
         type=float,
         metavar="C",
         help="CPUs reserved for each trial's own actor, which runs the TorchTrainer's controller "
-        "and mostly waits (default 1); lower it to run more trials at once on few CPUs",
+        f"and mostly waits (default 1, smoke {D.SMOKE['trial_cpus']:g}); lower it to run more trials at once on "
+        "few CPUs",
     )
     g.add_argument(
         "--max-concurrent",
@@ -199,7 +203,8 @@ def build_parser(spec: SweepSpec, prog: str | None = None) -> argparse.ArgumentP
         metavar="PATH_OR_URI",
         help="where Tune and Train keep sweep state and checkpoints: a local path or a cloud URI "
         "(s3://, gs://, ...); must be shared by all nodes of a multi-node cluster "
-        "(default: $VMRNN_STORAGE_PATH or ~/ray_results)",
+        "(default: $VMRNN_STORAGE_PATH, else ray_results beside a local MLflow store, e.g. "
+        "./ray_results beside ./mlflow.db, else ~/ray_results)",
     )
     g.add_argument(
         "--tracking-uri",
@@ -357,14 +362,15 @@ class SweepPlace:
 
 
 def sweep_place(spec: SweepSpec, args: argparse.Namespace) -> SweepPlace:
-    storage = args.storage_path or D.default_storage_path()
+    tracking_uri = absolute_tracking_uri(args.tracking_uri or uris.default_tracking_uri())
+    storage = args.storage_path or D.default_storage_path(tracking_uri)
     storage = storage.rstrip("/") if "://" in storage else os.path.abspath(os.path.expanduser(storage))
     name = args.name or D.default_sweep_name(spec.dataset, bool(args.smoke))
     return SweepPlace(
         name=name,
         storage_path=storage,
         exp_path=join(storage, name),
-        tracking_uri=absolute_tracking_uri(args.tracking_uri or uris.default_tracking_uri()),
+        tracking_uri=tracking_uri,
         experiment=args.experiment or experiments.default_experiment(spec.dataset),
     )
 

@@ -4,6 +4,11 @@ MLflow tag names are vmrnn.tracking.tags)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+
+from vmrnn.tracking import uris
 
 # The metric every sweep optimises, and its direction. The training layer reports it once per epoch.
 METRIC = "val_mse"
@@ -28,9 +33,19 @@ def default_sweep_name(dataset: str, smoke: bool) -> str:
     return f"{dataset}-smoke" if smoke else f"{dataset}-sweep"
 
 
-def default_storage_path() -> str:
-    """Ray's own default (absolute, so it survives `ray job submit`'s temporary working dir)."""
-    return os.environ.get("VMRNN_STORAGE_PATH") or os.path.expanduser("~/ray_results")
+def default_storage_path(tracking_uri: str) -> str:
+    """Where Tune keeps a sweep's state unless told: $VMRNN_STORAGE_PATH; else `ray_results` beside a local
+    MLflow store (its sqlite database, or a file: store's folder), so that the state lives, moves and is
+    deleted with the runs it reports to (each checkout its own); else (a tracking server) Ray's own
+    ~/ray_results. Always absolute."""
+    if os.environ.get("VMRNN_STORAGE_PATH"):
+        return os.environ["VMRNN_STORAGE_PATH"]
+    db = uris.sqlite_path(tracking_uri)
+    if db is not None:
+        return str(db.parent / "ray_results")
+    if tracking_uri.startswith("file:"):
+        return str(Path(url2pathname(urlsplit(tracking_uri).path)).parent / "ray_results")
+    return os.path.expanduser("~/ray_results")
 
 
 def smoke_cache_dir() -> str:
@@ -46,14 +61,17 @@ def smoke_data_dir(dataset: str) -> str:
     return os.path.join(smoke_cache_dir(), f"{dataset}-small-seed0")
 
 
-# --smoke: a tiny model on small synthetic data, on CPU, in a few minutes on 2 cores.
+# --smoke: a tiny model on small synthetic data, on CPU, in a few minutes on 2 cores. A trial takes 1 CPU
+# (0.5 for its driver, which mostly waits, and 2 workers x 0.25), so 2 cores run two at once: most of a
+# smoke trial is start-up (Ray Train's controller and worker processes), which then overlaps another
+# trial's epochs.
 SMOKE = {
     "num_samples": 3,
     "epochs": 2,
     "workers_per_trial": 2,
     "gpus_per_worker": 0.0,
-    "cpus_per_worker": 0.5,
-    "trial_cpus": 1.0,
+    "cpus_per_worker": 0.25,
+    "trial_cpus": 0.5,
     "max_train_batches": 4,
     "max_val_batches": 2,
     "grace_period": 1,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -47,6 +48,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, log_to_d
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # Nothing preempts this machine's own Ray: skip Train's per-trial preemption-watcher actor.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Train's controller sees a started worker group, an epoch's report (which Tune and ASHA wait
+        # for) and a finished run only when it polls its workers (every 2 s by default): poll more often.
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].strip().lower() in ("0", "false"):
             # Ray read this variable when it was imported (before we could set it): tell this process
             # too, so that the node it starts takes 127.0.0.1 as its address, like its children will.
@@ -63,6 +67,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, log_to_d
             dashboard_host="127.0.0.1",
             dashboard_port=_dashboard_port(),
             log_to_driver=log_to_driver,
+            logging_level=logging.WARNING,  # the sweep's header names the dashboard: no "Started a local Ray"
         )
         mode = "local"
     res = ray.cluster_resources()

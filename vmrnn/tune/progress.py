@@ -10,6 +10,7 @@ from typing import Any
 from ray.tune import Callback
 
 from vmrnn.tracking.sweeps import SweepTracker
+from vmrnn.train.phases import phases
 from vmrnn.tune import defaults as D
 from vmrnn.tune.results import status_of_trial, trial_status
 from vmrnn.tune.scheduler import epochs_done
@@ -38,16 +39,31 @@ def _fmt(value: float | None, width: int = 10) -> str:
 
 
 class ProgressTable(Callback):
-    """A compact table of the trials (trial, status, epoch, val MSE, best so far), printed when a trial
-    starts or ends and at most every `interval_s` seconds on new results."""
+    """A compact table of the trials (trial, status, epoch, val MSE, best so far, and what a trial without a
+    result yet is doing: "starting 2 workers (12 s)"), printed when a trial starts or ends, at most every
+    `interval_s` seconds on new results, and while a trial starts: at most every `phase_interval_s` when it
+    moves on to its next phase (vmrnn.train.phases), else every 3 x `phase_interval_s`."""
 
-    def __init__(self, epochs: int, num_samples: int, interval_s: float = 10.0, stream=None):
+    def __init__(
+        self,
+        epochs: int,
+        num_samples: int,
+        interval_s: float = 10.0,
+        stream=None,
+        sweep: str = "",
+        phase_interval_s: float = 5.0,
+    ):
         self.epochs = epochs
         self.num_samples = num_samples
         self.interval_s = interval_s
+        self.phase_interval_s = phase_interval_s
+        self.sweep = sweep
         self._stream = stream
         self._last_print = 0.0
-        self._last_epoch: dict[str, Any] = {}
+        self._last_poll = 0.0
+        self._started: set[str] = set()  # trials whose actor started (Tune tells before it marks them RUNNING)
+        self._phases: dict[str, tuple[str, float]] = {}
+        self._shown_phases: dict[str, str] = {}
 
     def __getstate__(self):  # sys.stdout is not picklable (Tune saves callbacks with the experiment)
         state = dict(self.__dict__)
@@ -57,13 +73,29 @@ class ProgressTable(Callback):
     def setup(self, **info):
         self.epochs = int(_CURRENT.get("epochs", self.epochs))
         self.num_samples = int(_CURRENT.get("num_samples", self.num_samples))
+        self.sweep = str(_CURRENT.get("sweep", getattr(self, "sweep", "")))
+        for name, default in (("_started", set()), ("_phases", {}), ("_shown_phases", {})):
+            setattr(self, name, type(default)())  # also on a table restored from an older sweep
+        self.phase_interval_s = getattr(self, "phase_interval_s", 5.0)
+        self._last_poll = 0.0
+
+    def _status(self, t) -> str:
+        status = status_of_trial(t, self.epochs)
+        return D.TRIAL_RUNNING if status == D.TRIAL_PENDING and t.trial_id in self._started else status
+
+    def _phase(self, t, status: str) -> str:
+        """What a running trial without a result yet is doing, and for how long."""
+        if status != D.TRIAL_RUNNING or epochs_done(t.last_result or {}):
+            return ""
+        phase, since = self._phases.get(t.trial_id, ("starting", 0.0))
+        return f"  {phase} ({max(0.0, time.time() - since):.0f} s)" if since else f"  {phase}"
 
     def render(self, trials: list) -> str:
         rows = []
         best_all: tuple[float, str] | None = None
         counts: dict[str, int] = {}
         for t in trials:
-            status = status_of_trial(t, self.epochs)
+            status = self._status(t)
             counts[status] = counts.get(status, 0) + 1
             last = t.last_result or {}
             epoch = epochs_done(last)
@@ -72,7 +104,7 @@ class ProgressTable(Callback):
                 best_all = (best, t.trial_id)
             rows.append(
                 f"  {t.trial_id:<10} {status:<9} {(f'{int(epoch)}/{self.epochs}' if epoch else '-'):>7} "
-                f"{_fmt(finite_float(last.get(D.METRIC)))} {_fmt(best)}"
+                f"{_fmt(finite_float(last.get(D.METRIC)))} {_fmt(best)}{self._phase(t, status)}"
             )
         head = f"[sweep {time.strftime('%H:%M:%S')}] {len(trials)}/{self.num_samples} trials: " + ", ".join(
             f"{n} {s.lower()}" for s, n in sorted(counts.items())
@@ -90,7 +122,29 @@ class ProgressTable(Callback):
         stream = self._stream or sys.stdout
         print(self.render(trials), file=stream, flush=True)
 
+    def _poll_phases(self, trials: list) -> dict[str, str]:
+        """The starting trials' phases, read at most every 2 s ({} between reads)."""
+        now = time.monotonic()
+        if not self.sweep or now - self._last_poll < 2.0:
+            return {}
+        self._last_poll = now
+        starting = [t for t in trials if self._status(t) == D.TRIAL_RUNNING and not epochs_done(t.last_result or {})]
+        if not starting:
+            return {}
+        self._phases = phases(self.sweep)
+        return {t.trial_id: self._phases.get(t.trial_id, ("starting", 0.0))[0] for t in starting}
+
+    def on_step_end(self, iteration, trials, **info):
+        current = self._poll_phases(trials)
+        moved = any(self._shown_phases.get(k) != v for k, v in current.items())
+        quiet_for = time.monotonic() - self._last_print
+        # A new phase (at most every phase_interval_s), or the same one still going (every 3 phase intervals).
+        if current and (quiet_for >= 3 * self.phase_interval_s or (moved and quiet_for >= self.phase_interval_s)):
+            self._print(trials, force=True)
+            self._shown_phases.update(current)
+
     def on_trial_start(self, iteration, trials, trial, **info):
+        self._started.add(trial.trial_id)
         self._print(trials, force=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from vmrnn import commands
 from vmrnn.tracking import tags
 from vmrnn.tracking.registry import Registration, register_best
 from vmrnn.tracking.sweeps import SweepTracker, TrialRow
+from vmrnn.tracking.uris import absolute_tracking_uri, default_tracking_uri, is_remote, strip_credentials
 from vmrnn.tune import defaults as D
 from vmrnn.tune.args import SweepPlace
 from vmrnn.tune.results import rows_from_results
@@ -28,6 +31,19 @@ class SweepOutcome:
     registration_note: str
     interrupted: bool
     plots: dict[str, str]
+    finished_before: bool = False  # the sweep had finished already: nothing ran, nothing was logged
+
+    @classmethod
+    def already_finished(cls) -> SweepOutcome:
+        return cls(
+            rows=[],
+            best=None,
+            registration=None,
+            registration_note="",
+            interrupted=False,
+            plots={},
+            finished_before=True,
+        )
 
 
 def finish(
@@ -191,10 +207,29 @@ def _config_for_tag(params: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()}
 
 
-def _ui_command(tracking_uri: str) -> str:
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
+def ui_command(tracking_uri: str) -> str:
+    """How to look at a store: a tracking server's own address, else `mlflow ui` on the store, spelled to
+    run as printed (vmrnn.commands)."""
+    if is_remote(tracking_uri):
+        return f"open {strip_credentials(tracking_uri)} in a browser"
+    store = shlex.quote(strip_credentials(tracking_uri))  # a database's password is not printed
+    return f"{commands.tool('mlflow', 'mlflow')} ui --backend-store-uri {store}"
+
+
+def look_line(tracker: SweepTracker, parent_id: str) -> str:
+    return (
+        f"MLflow: parent run {parent_id} in experiment {tracker.experiment!r} "
+        f"(results/trials.parquet, plots/*.png); look with: {ui_command(tracker.tracking_uri)}"
+    )
+
+
+def predict_command(model_uri: str, tracking_uri: str) -> str:
+    """`vmrnn predict` on a registered model, as it runs from here (the store named unless it is the
+    default one of this folder, which `vmrnn predict` finds by itself)."""
+    store = ""
+    if tracking_uri != absolute_tracking_uri(default_tracking_uri()):
+        store = f" --tracking-uri {shlex.quote(strip_credentials(tracking_uri))}"
+    return f"{commands.tool('vmrnn', 'vmrnn')} predict --model {model_uri}{store} --input x.npy --out y.npy"
 
 
 def print_summary(
@@ -241,7 +276,7 @@ def print_summary(
                 f"registered: {reg.name} version {reg.version} is a CHALLENGER: {reg.reason}; "
                 f"the champion stays version {reg.previous_champion}"
             )
-        lines.append(f"  predict: vmrnn predict --model models:/{reg.name}@{reg.alias} --input x.npy --out y.npy")
+        lines.append(f"  predict: {predict_command(f'models:/{reg.name}@{reg.alias}', tracker.tracking_uri)}")
     elif outcome.registration_note:
         lines.append(outcome.registration_note)
     for plot, where in outcome.plots.items():
@@ -249,10 +284,7 @@ def print_summary(
             lines.append(f"  plot {plot}: {where}")
     if orphans:
         lines.append(f"  closed {len(orphans)} trial run(s) left RUNNING by an earlier driver: {orphans}")
-    lines.append(
-        f"MLflow: parent run {parent_id} in experiment {tracker.experiment!r} "
-        f"(results/trials.parquet, plots/*.png); look with: {_ui_command(tracker.tracking_uri)}"
-    )
+    lines.append(look_line(tracker, parent_id))
     print("\n".join(lines), flush=True)
 
 

@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
-
-from ray import tune
 
 from vmrnn.tracking import tags
 from vmrnn.tracking.sweeps import SweepTracker
 from vmrnn.tune import defaults as D
-from vmrnn.tune import local_ray, spaces
+from vmrnn.tune import local_ray, spaces, state
 from vmrnn.tune.args import SweepError, SweepPlace, build_parser, resolve_settings, settings_params, sweep_place
 from vmrnn.tune.local_ray import ClusterInfo, TrialResources
 from vmrnn.tune.preflight import Checked, check_sweep, check_tracking
 from vmrnn.tune.spaces import SweepSpec
-from vmrnn.tune.summary import SweepOutcome, finish
+from vmrnn.tune.summary import SweepOutcome, finish, look_line
 from vmrnn.tune.tuner import build_tuner, trial_setup
 
 log = logging.getLogger("vmrnn.tune")
@@ -31,6 +30,7 @@ log = logging.getLogger("vmrnn.tune")
 
 def main(spec: SweepSpec, argv: list[str] | None = None) -> int:
     args = build_parser(spec).parse_args(argv)
+    quiet_defaults()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("ray", "ray.tune", "ray.train", "alembic", "mlflow", "optuna"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -44,7 +44,15 @@ def main(spec: SweepSpec, argv: list[str] | None = None) -> int:
         return 130
     if outcome.interrupted:
         return 130
-    return 0 if outcome.best is not None else 1
+    return 0 if outcome.best is not None or outcome.finished_before else 1
+
+
+def quiet_defaults() -> None:
+    """The sweep prints its own header, table and summary; Ray's and MLflow's chatter stays off unless the
+    environment asks for it: Tune's own experiment header and progress output (the legacy engine, silent
+    at verbose=0) and MLflow's INFO lines (database set-up) in the driver and in the local Ray's workers."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def run_sweep(spec: SweepSpec, args: argparse.Namespace) -> SweepOutcome:
@@ -53,9 +61,16 @@ def run_sweep(spec: SweepSpec, args: argparse.Namespace) -> SweepOutcome:
     check_tracking(place, args)
     tracker = SweepTracker(place.tracking_uri, place.experiment)
     parent = tracker.find_parent(place.name)
+    done = state.finished_sweep(parent)
+    if done is not None and not (args.retry_errored and state.failed_trials(parent)):
+        # Nothing to run: the parent run keeps its metrics, end time and registration as they are.
+        print(done.message(), flush=True)
+        print(look_line(tracker, done.parent_run_id), flush=True)
+        return SweepOutcome.already_finished()
     settings = resolve_settings(spec, args, dict(parent.data.params) if parent else {})
+    binding = state.read_binding(place.exp_path)
+    can_restore = state.check_agreement(place, parent, state.can_restore(place.exp_path), binding)
     checked = check_sweep(spec, args, settings)
-    can_restore = tune.Tuner.can_restore(place.exp_path)
 
     cluster = local_ray.connect(args.address, log_to_driver=bool(args.verbose))
     parent_id = None
@@ -74,6 +89,7 @@ def run_sweep(spec: SweepSpec, args: argparse.Namespace) -> SweepOutcome:
         except ValueError as exc:
             raise SweepError(str(exc)) from None
         parent_id, created = open_parent_run(tracker, spec.dataset, place, settings, checked)
+        state.write_binding(place, parent_id, explicit_loggers=state.explicit_loggers(binding, can_restore))
         print_plan(spec.dataset, place, settings, checked, cluster, resources, args, parent_id, created, can_restore)
 
         setup = trial_setup(spec.dataset, place, settings, checked, resources, parent_id)
@@ -94,6 +110,7 @@ def run_sweep(spec: SweepSpec, args: argparse.Namespace) -> SweepOutcome:
             parent_id,
             restore=can_restore,
             retry_errored=bool(args.retry_errored),
+            explicit_loggers=state.explicit_loggers(binding, can_restore),
         )
         grid = tuner.fit()
         return finish(

@@ -14,6 +14,7 @@ from ray import tune
 from vmrnn.tracking import tags
 from vmrnn.tracking.sweeps import run_key
 from vmrnn.train.config import TrainConfig
+from vmrnn.train.phases import clear_phase, set_phase
 from vmrnn.tune.spaces import split_params
 
 
@@ -56,13 +57,16 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """The Tune trainable: fit one data-parallel TorchTrainer; its workers' reports become the trial's.
 
     The trial's config is resolved once, here (build_trainer), and its workers get it resolved."""
+    trial_id = tune.get_context().get_trial_id()
+    key = run_key(setup.sweep, trial_id)
+    set_phase(key, "loading the training layer")
     # Deferred: Ray Train (and torch.distributed) load in the trial's own process, not in the sweep driver.
     import ray.train
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from vmrnn.train.ray_train import build_trainer, raise_if_failed
 
-    trial_id = tune.get_context().get_trial_id()
+    set_phase(key, "building its trainer")
     cfg = trial_train_config(setup, config, trial_id)
     # Same name and storage on a restart (a resumed sweep): Ray Train V2 picks up the run's latest
     # checkpoint, and the training layer continues the same MLflow run (run_key).
@@ -80,8 +84,13 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         resources_per_worker=dict(setup.resources_per_worker),
         run_config=run_config,
         threads_per_worker=setup.threads_per_worker,
+        check=False,  # the sweep checked the data and the MLflow store before Ray started
     )
-    result = trainer.fit()
+    set_phase(key, f"starting {setup.num_workers} worker{'s' if setup.num_workers > 1 else ''}")
+    try:
+        result = trainer.fit()
+    finally:
+        clear_phase(key)
     error = getattr(result, "error", None)
     if error is not None:  # a Train failure must fail the trial, not end it as if it finished
         raise error

@@ -3,9 +3,11 @@ val_mse; each trial (vmrnn.tune.trial.run_trial) fits a data-parallel Ray Train 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search.optuna import OptunaSearch
 
 from vmrnn.tracking import tags
@@ -69,9 +71,19 @@ def build_tuner(
     *,
     restore: bool,
     retry_errored: bool,
+    explicit_loggers: bool = True,
 ) -> tune.Tuner:
-    """A new Tuner, or the sweep's saved one (`restore`: Tune's state at place.exp_path)."""
+    """A new Tuner, or the sweep's saved one (`restore`: Tune's state at place.exp_path).
+
+    A new Tuner carries Tune's CSV and JSON result loggers itself (the ResultGrid reads them) and Tune
+    adds no others (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1): no TensorBoard event files nobody reads, and
+    no "To visualize your results with TensorBoard" line. A Tuner restored from a sweep started without
+    them (`explicit_loggers=False`) keeps Tune's defaults."""
     epochs, num_samples = int(settings["epochs"]), int(settings["num_samples"])
+    if explicit_loggers:
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    else:
+        os.environ.pop("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", None)
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": resources.driver_cpus})
     bind_sweep(
         tracking_uri=place.tracking_uri,
@@ -109,7 +121,9 @@ def build_tuner(
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=0),
             callbacks=[
-                ProgressTable(epochs, num_samples),
+                CSVLoggerCallback(),
+                JsonLoggerCallback(),
+                ProgressTable(epochs, num_samples, sweep=place.name),
                 TrialStatusToMLflow(place.tracking_uri, place.experiment, place.name, parent_run_id, epochs),
             ],
         ),

@@ -268,11 +268,13 @@ def _is_user_error(exc: BaseException) -> bool:
 
 
 def _print_summary(s: dict[str, Any]) -> None:
+    from vmrnn.train.epochs import epoch_number
+
     m = s.get("metrics") or {}
     print("")
     print(
-        f"best epoch      {s.get('best_epoch')}  (val_mse {s.get('best_val_mse'):.6g})"
-        if s.get("best_val_mse") is not None
+        f"best epoch      {epoch_number(s['best_epoch'])}  (val_mse {s.get('best_val_mse'):.6g})"
+        if s.get("best_val_mse") is not None and s.get("best_epoch") is not None
         else "best epoch      -"
     )
     for k in ("train_loss", "val_mse", "val_mae", "val_ssim", "val_psnr"):

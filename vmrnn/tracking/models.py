@@ -7,6 +7,10 @@ vmrnn installed) of a CPU copy using the pure-PyTorch scan, with a dynamic batch
 vmrnn weights and config ride along as `extra_files`, so `load_forecaster` rebuilds the eager model
 (any device, any horizon, the CUDA scan). `model_format="pickle"` logs the eager module with
 cloudpickle instead (seconds instead of ~20-90 s of export on a CPU; needs vmrnn to load).
+
+The input example stored with the model is one sample, its values rounded to 1/32 steps: it documents the
+input's shape and range, and at 8-bit float precision its two JSON copies (input_example.json,
+serving_input_example.json) would be most of a small model's size.
 """
 
 from __future__ import annotations
@@ -35,22 +39,36 @@ from vmrnn.train.export import (
 log = logging.getLogger("vmrnn.train")
 # MLflow is imported inside the functions that call it: importing this module does not import MLflow.
 
+EXAMPLE_LEVELS = 32  # the input example's values are multiples of 1/32: short in JSON, still a picture
+
+
+def small_example(frames: np.ndarray) -> np.ndarray:
+    """The input example logged with a model: the first sample of (B, T, C, H, W) frames (or the one sample of
+    (T, C, H, W)) as a batch of one, float32, rounded to multiples of 1/EXAMPLE_LEVELS."""
+    x = np.asarray(frames, dtype=np.float32)
+    if x.ndim == 4:
+        x = x[None]
+    if x.ndim != 5 or x.shape[0] < 1:
+        raise ValueError(f"an input example must be (T, C, H, W) or (B, T, C, H, W) frames; got shape {x.shape}")
+    return np.ascontiguousarray(np.round(x[:1] * EXAMPLE_LEVELS) / EXAMPLE_LEVELS, dtype=np.float32)
+
 
 def log_forecaster(
     state: dict[str, Tensor], meta: dict[str, Any], example: np.ndarray, *, fmt: str = "pt2", name: str = "model"
 ) -> tuple[Any, str]:
-    """Log into the *active* MLflow run. Returns (ModelInfo, the format actually used)."""
+    """Log into the *active* MLflow run; `example` holds input frames (`small_example` keeps one sample).
+    Returns (ModelInfo, the format actually used)."""
     import mlflow
-    from mlflow.models import ModelSignature
+    from mlflow.models import Model, ModelSignature
     from mlflow.types import Schema, TensorSpec
 
     fc = build_forecaster(state, meta["model"], meta["n_input"], meta["n_future"], "cpu", scan_backend="torch")
+    example = small_example(example)
     _, t_in, c, h, w = example.shape
     sig = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, t_in, c, h, w))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, meta["n_future"], c, h, w))]),
     )
-    example = np.ascontiguousarray(example, dtype=np.float32)
     torch_req = f"torch=={torch.__version__.split('+')[0]}"
     with tempfile.TemporaryDirectory() as tmp:
         wpath, mpath = Path(tmp) / WEIGHTS_FILE, Path(tmp) / META_FILE
@@ -63,8 +81,10 @@ def log_forecaster(
             try:
                 # validate_serving_input=False: MLflow would load the exported program back and run it once
                 # more (seconds); the pt2 branch of save_model takes no other extra kwargs.
-                info = mlflow.pytorch.log_model(
-                    fc,
+                info = Model.log(
+                    artifact_path=None,  # MLflow 3 names the model by `name`
+                    flavor=_PyTorchOneSampleExample(),
+                    pytorch_model=fc,
                     serialization_format="pt2",
                     validate_serving_input=False,
                     pip_requirements=[torch_req, "numpy"],
@@ -81,6 +101,27 @@ def log_forecaster(
             fc, serialization_format="pickle", pip_requirements=[torch_req, "numpy", "einops", "vmrnn-sweeps"], **common
         )
         return info, "pickle"
+
+
+class _PyTorchOneSampleExample:
+    """mlflow.pytorch as the flavor of `Model.log`, for pt2: torch.export traces the example twice over (it keeps
+    the batch dimension dynamic only for a batch > 1), and the stored input example stays the one sample."""
+
+    __name__ = "mlflow.pytorch"  # the flavor name MLflow records on the logged model
+
+    def save_model(self, path: str, mlflow_model: Any, input_example: np.ndarray, **kwargs: Any) -> None:
+        import mlflow
+        from mlflow.models import convert_input_example_to_serving_input
+
+        mlflow.pytorch.save_model(
+            path=path, mlflow_model=mlflow_model, input_example=np.concatenate([input_example] * 2), **kwargs
+        )
+        saved = mlflow_model.saved_input_example_info or {}
+        if saved.get("type") == "ndarray":  # MLflow's files of the traced pair, rewritten with the one sample
+            Path(path, saved["artifact_path"]).write_text(json.dumps(input_example.tolist()))
+            if saved.get("serving_input_path"):
+                serving = json.loads(convert_input_example_to_serving_input(input_example))  # without its indent
+                Path(path, saved["serving_input_path"]).write_text(json.dumps(serving))
 
 
 def log_forecaster_in_run(

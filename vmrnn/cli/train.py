@@ -79,7 +79,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.set_defaults(func=run_evaluate)
 
-    q = sub.add_parser("predict", help="forecast future frames from a .npy sequence")
+    q = sub.add_parser(
+        "predict",
+        help="forecast future frames from a .npy sequence",
+        description="Forecast the frames that follow the input frames with a trained model.",
+        epilog=input_shapes_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     q.add_argument("--model", required=True, help="MLflow model URI or training checkpoint folder")
     q.add_argument(
         "--input",
@@ -91,6 +97,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--device", default="cpu")
     q.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/ URIs")
     q.set_defaults(func=run_predict)
+
+
+def input_shapes_help() -> str:
+    """What each dataset's model takes as --input, from the dataset registry."""
+    from vmrnn.data import DATASETS
+
+    lines = ["input frames each dataset's model takes (T, C, H, W), and the frames it forecasts by default:"]
+    for name, spec in DATASETS.items():
+        if spec.in_frames is None or spec.channels is None:
+            lines.append(f"  {name:<8} the shape of the data the model was trained on")
+        else:
+            shape = f"({spec.in_frames}, {spec.channels}, {spec.height}, {spec.width})"
+            lines.append(f"  {name:<8} {shape:<18} -> {spec.out_frames} frames")
+    lines.append("a batch of sequences is (B, T, C, H, W); the forecast .npy has the input's rank.")
+    return "\n".join(lines)
 
 
 def _user_error(msg: str) -> Exception:
@@ -299,11 +320,14 @@ def _set_tracking(uri: str | None) -> None:
 
 def _load(source: str, device: str) -> Any:
     from vmrnn.tracking.models import load_forecaster
+    from vmrnn.tracking.uris import TrackingUnavailable
 
     try:
         return load_forecaster(source, device=_device(device))
     except (FileNotFoundError, ValueError):
         raise
+    except TrackingUnavailable as exc:
+        raise _user_error(str(exc)) from None
     except Exception as exc:
         if "mlflow" in type(exc).__module__ or "RESOURCE_DOES_NOT_EXIST" in str(exc):
             raise _user_error(f"cannot load model {source}: {str(exc).splitlines()[0][:300]}") from None

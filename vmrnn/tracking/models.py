@@ -21,12 +21,21 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from vmrnn.tracking.uris import default_tracking_uri, pinned_tracking_uri
+from vmrnn.tracking.uris import (
+    TrackingUnavailable,
+    check_reachable,
+    default_tracking_uri,
+    is_remote,
+    pinned_tracking_uri,
+    sqlite_path,
+    strip_credentials,
+)
 from vmrnn.train.export import (
     META_FILE,
     WEIGHTS_FILE,
@@ -144,6 +153,10 @@ def log_forecaster_in_run(
     return info.model_uri, used
 
 
+class ModelNotFound(FileNotFoundError):
+    """An MLflow model URI that the tracking store does not hold (the message names the store)."""
+
+
 def load_forecaster(
     uri_or_path: str | os.PathLike,
     *,
@@ -154,7 +167,10 @@ def load_forecaster(
     """Load a forecaster from an MLflow model URI (models:/..., runs:/..., or any artifact URI; resolved
     against `tracking_uri`, default $MLFLOW_TRACKING_URI else ./mlflow.db), an MLflow model folder, or a
     local training checkpoint (an epoch dir, a checkpoint root, or a Ray run folder); `which` picks the
-    checkpoint's best (by val_mse) or last weights."""
+    checkpoint's best (by val_mse) or last weights.
+
+    Reading never writes: a store that does not exist is `TrackingUnavailable` (nothing is created), a model
+    the store lacks is `ModelNotFound`; both name the tracking URI and how to point elsewhere."""
     device = torch.device(device)
     s = str(uri_or_path)
     is_uri = "://" in s or s.startswith(("models:/", "runs:/"))
@@ -172,10 +188,41 @@ def load_forecaster(
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Resolve the store here, not from mlflow's process-global URIs, which an earlier run may have set;
     # models:/ URIs are resolved through the registry URI, so both are pinned.
+    where = (
+        "from --tracking-uri / MLFLOW_TRACKING_URI"
+        if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        else "the default store: mlflow.db in the current folder"
+    )
     tracking_uri = tracking_uri or default_tracking_uri()
-    with pinned_tracking_uri(tracking_uri):
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=s, tracking_uri=tracking_uri))
+    if s.startswith(("models:/", "runs:/")):
+        _check_store_exists(tracking_uri, where)
+    try:
+        with pinned_tracking_uri(tracking_uri):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=s, tracking_uri=tracking_uri))
+    except Exception as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")) or "not found" in str(exc).lower():
+            raise ModelNotFound(
+                f"{s} is not in the MLflow tracking store {strip_credentials(tracking_uri)} ({where}): "
+                f"{str(exc).splitlines()[0][:200]}; point --tracking-uri / MLFLOW_TRACKING_URI at the store "
+                "that holds it"
+            ) from None
+        raise
     return _from_mlflow_dir(local, device, s)
+
+
+def _check_store_exists(uri: str, where: str) -> None:
+    """A local store that is not there is an error, never created by a read (MLflow would create an empty one)."""
+    hint = (
+        "; run from the folder that holds mlflow.db, or point --tracking-uri / MLFLOW_TRACKING_URI at your "
+        "store (sqlite:////abs/path/mlflow.db or http://HOST:5000)"
+    )
+    if is_remote(uri):
+        check_reachable(uri, hint="")
+        return
+    db = sqlite_path(uri)
+    folder = Path(urlsplit(uri).path) if uri.startswith("file:") else None
+    if (db is not None and not db.is_file()) or (folder is not None and not folder.is_dir()):
+        raise TrackingUnavailable(f"no MLflow tracking store at {uri} ({where}); nothing was created{hint}")
 
 
 def _from_mlflow_dir(local: Path, device: torch.device, source: str) -> LoadedForecaster:

@@ -38,6 +38,7 @@ def _registered_champion(uri: str) -> None:
     import torch
 
     from vmrnn.models import build_model
+    from vmrnn.tracking.experiments import ensure_experiment
     from vmrnn.tracking.models import log_forecaster
     from vmrnn.tracking.uris import client, pinned_tracking_uri
     from vmrnn.train.export import model_meta
@@ -46,7 +47,7 @@ def _registered_champion(uri: str) -> None:
     model = build_model("taxibj-tiny")
     ds = {"name": "taxibj", "in_frames": 4, "out_frames": 4, "channels": 2, "height": 32, "width": 32}
     with pinned_tracking_uri(uri):
-        mlflow.set_experiment("ux-read")
+        mlflow.set_experiment(experiment_id=ensure_experiment(uri, "ux-read"))  # artifacts beside the store
         with mlflow.start_run():
             info, _ = log_forecaster(
                 model.state_dict(), model_meta(model.config.to_dict(), ds), np.zeros((4, 2, 32, 32)), fmt="pickle"

@@ -20,7 +20,8 @@ MLFLOW_BIN = Path(sys.executable).with_name("mlflow")
 
 
 def write_taxibj(root: Path) -> Path:
-    """Synthetic TaxiBJ in the published layout (33 train / 5 val / 16 test samples); returns the data root."""
+    """Synthetic TaxiBJ in the published layout (64 training samples, less validation, and 16 test samples);
+    returns the data root."""
     from vmrnn.data import write_synthetic
 
     if not (root / "taxibj" / "dataset.npz").exists():

@@ -86,6 +86,8 @@ def test_readme_first_run_as_written(tmp_path):
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development" and exp.tags["mlflow.note.content"]
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["vmrnn.world_size"] == "2"
+    # ... and the printed link opens MLflow's UI on that run in its model-training view
+    assert f"#/experiments/{exp.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning" in outputs[-1]
     assert run.data.metrics["best_epoch"] == best and run.data.tags["vmrnn.best_epoch"] == str(best)
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_mse")) == [1, 2]
     checkpoint = Path(re.search(r"^checkpoint\s+(\S+)", outputs[-1], re.M).group(1))

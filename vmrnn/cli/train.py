@@ -198,6 +198,7 @@ def _train_plain(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
         "run_id": res.run_id,
         "checkpoint": res.checkpoint,
         "config": cfg,
+        "tracking_uri": (res.config or cfg).tracking_uri,
     }
 
 
@@ -271,6 +272,7 @@ def _train_ray(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
         "run_id": rv.get("run_id"),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "path": result.path,
+        "tracking_uri": cfg.tracking_uri,
     }
 
 
@@ -306,8 +308,29 @@ def _print_summary(s: dict[str, Any]) -> None:
         print("test (best)     " + "  ".join(f"{k} {test[k]:.6g}" for k in ("mse", "mae", "ssim", "psnr") if k in test))
     if s.get("run_id"):
         print(f"MLflow run      {s['run_id']}")
+        ui = _ui_line(s.get("tracking_uri"), s["run_id"])
+        if ui:
+            print(f"MLflow UI       {ui}")
     if s.get("checkpoint"):
         print(f"checkpoint      {s['checkpoint']}")
+
+
+def _ui_line(uri: str | None, run_id: str) -> str | None:
+    """How to look at the run in MLflow's UI (its model-training view), as a command that works as printed."""
+    from vmrnn.tracking.experiments import ui_url
+    from vmrnn.tracking.uris import client, is_remote, strip_credentials
+
+    if not uri:
+        return None
+    try:
+        experiment_id = client(uri).get_run(run_id).info.experiment_id
+    except Exception:  # only a hint: the run is logged either way
+        return None
+    if is_remote(uri):
+        return ui_url(experiment_id, run_id, server=strip_credentials(uri))
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    command = f"{mlflow_bin if mlflow_bin.exists() else 'mlflow'} ui --backend-store-uri {uri}"
+    return f"{command}, then open {ui_url(experiment_id, run_id)}"
 
 
 # ---------------------------------------------------------------------- evaluate / predict

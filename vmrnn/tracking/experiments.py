@@ -5,9 +5,11 @@
 - A new experiment of a sqlite store keeps its artifacts beside the database, in mlruns/<experiment name>;
   MLflow's default is ./mlruns of whichever process creates the experiment, so that a sweep, its trials'
   workers and later runs started from other folders would disagree. Other stores choose for themselves.
-- Our experiments are model-training experiments: MLflow's UI opens them on the runs table (not its GenAI
-  view) by the tag `mlflow.experimentKind`, and shows `mlflow.note.content` as their description. Both are
-  set when vmrnn creates or first uses an experiment that lacks them; a value someone chose is kept.
+- Our experiments are model-training experiments: the tag `mlflow.experimentKind` says so, and
+  `mlflow.note.content` is their description; both are set when vmrnn creates or first uses an experiment
+  that lacks them (a value someone chose is kept). MLflow 3.17's own UI picks its GenAI or model-training
+  view from a URL parameter, else from the browser's last choice (GenAI at first), not from the tag: the
+  links vmrnn prints (`ui_url`) carry `workflowType=machine_learning`, so they open on the runs table.
 """
 
 from __future__ import annotations
@@ -36,9 +38,20 @@ TAG_DESCRIPTION = "mlflow.note.content"
 DESCRIPTION = (
     "VMRNN spatiotemporal forecasters trained by vmrnn. Each training run is one run (params, per-epoch "
     "metrics, forecast images under forecasts/, the best model under model/); a sweep is a parent run with "
-    "one nested run per trial. The best model of a sweep is registered as vmrnn-<dataset> "
-    "(alias champion); see docs/TRAINING.md and docs/SWEEPS.md."
+    "one nested run per trial. The best model of a sweep is registered as `vmrnn-<dataset>` "
+    "(alias `champion`); see docs/TRAINING.md and docs/SWEEPS.md."
 )
+
+
+# The URL parameter that opens MLflow's UI in its model-training view (runs table, model registry).
+UI_MODEL_TRAINING = "workflowType=machine_learning"
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+def ui_url(experiment_id: str, run_id: str | None = None, server: str = LOCAL_UI) -> str:
+    """The link to an experiment's runs table (or to one run) in MLflow's UI, in its model-training view."""
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/{page}?{UI_MODEL_TRAINING}"
 
 
 def default_experiment(dataset: str) -> str:

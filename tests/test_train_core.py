@@ -8,15 +8,14 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from test_train_helpers import eval_worker, spawn, state_equal, strip_times, tiny_cfg, write_taxibj
 
+from test_train_helpers import eval_worker, spawn, state_equal, strip_times, tiny_cfg, write_taxibj
 from vmrnn.cli import main as cli_main
 from vmrnn.data import build_dataset
 from vmrnn.models import build_model
 from vmrnn.tracking.models import load_forecaster
 from vmrnn.train.checkpoint import BEST_FILE, CONFIG_FILE, METRICS_FILE, STATE_FILE, find_checkpoint, load_state
 from vmrnn.train.distributed import DistEnv
-from vmrnn.train.schedule import cosine_lr
 from vmrnn.train.loop import (
     REPORTED_KEYS,
     TrainingDiverged,
@@ -25,6 +24,7 @@ from vmrnn.train.loop import (
     make_eval_loader,
     train,
 )
+from vmrnn.train.schedule import cosine_lr
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -110,14 +110,14 @@ def test_checkpoint_contents(baseline):
     assert st["config"]["run_key"] and st["config"]["preset"] == "taxibj-tiny"
     meta = json.loads((d / CONFIG_FILE).read_text())
     assert meta["dataset"]["in_frames"] == 4 and meta["model"]["embed_dim"] == 16
-    assert [m["epoch"] for m in json.loads((d / METRICS_FILE).read_text())] == [0, 1, 2]
+    assert [m["epoch"] for m in json.loads((d / METRICS_FILE).read_text())] == [1, 2, 3]  # counted from 1
 
 
 def test_nan_loss_raises_training_diverged(data_root, tmp_path):
     cfg = tiny_cfg(data_root, lr=1e10, warmup_epochs=0, epochs=2, max_train_batches=8)
-    with pytest.raises(TrainingDiverged, match=r"epoch 0, step \d+") as ei:
+    with pytest.raises(TrainingDiverged, match=r"at epoch 1, step \d+") as ei:  # the first epoch, counted from 1
         train(cfg)
-    assert ei.value.epoch == 0 and not np.isfinite(ei.value.loss)
+    assert ei.value.epoch == 0 and not np.isfinite(ei.value.loss)  # the loop's index
     again = pickle.loads(pickle.dumps(ei.value))  # crosses process boundaries (Ray, torchrun)
     assert str(again) == str(ei.value)
 

@@ -13,7 +13,8 @@ from vmrnn.train.config import TrainConfig
 
 
 def write_taxibj(root: Path) -> Path:
-    """Synthetic TaxiBJ in the published layout (33 train / 5 val / 16 test samples); returns the data root."""
+    """Synthetic TaxiBJ in the published layout (64 training samples, less validation, and 16 test samples);
+    returns the data root."""
     from vmrnn.data import write_synthetic
 
     if not (root / "taxibj" / "dataset.npz").exists():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,9 +52,12 @@ def _steps(client, run_id, key):
 def test_mlflow_run_has_params_every_epoch_images_and_a_loadable_model(data_root, tmp_path, monkeypatch):
     uri = _store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # for MLflow's own loaders below
+    monkeypatch.setattr(tempfile, "tempdir", str((tmp_path / "tmp").resolve()))  # this test's own /tmp
+    (tmp_path / "tmp").mkdir()
     cfg = tiny_cfg(data_root, epochs=2, tracking=True, tracking_uri=uri, experiment="t-local", run_name="r1",
                    tags={"team": "vision"}, checkpoint_dir=str(tmp_path / "ck"))
     res = train(cfg)
+    assert not list((tmp_path / "tmp").glob("vmrnn-mlflow-*")), "the run's temporary upload folders are gone"
     client = MlflowClient(uri)
     run = client.get_run(res.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "r1"
@@ -60,11 +65,20 @@ def test_mlflow_run_has_params_every_epoch_images_and_a_loadable_model(data_root
     assert p["dataset"] == "taxibj" and p["preset"] == "taxibj-tiny" and float(p["lr"]) == 3e-3
     assert p["model_config.embed_dim"] == "16" and p["tags.team"] == "vision" and p["run_key"]
     assert run.data.tags[TAG_RUN_KEY] == p["run_key"] and run.data.tags["team"] == "vision"
+    # Epochs counted from 1, as the console and Ray's training_iteration: steps, best_epoch, tag, JSON, metrics.json
     for k in EPOCH_KEYS:
-        assert _steps(client, res.run_id, k) == [0, 1], k
+        assert _steps(client, res.run_id, k) == [1, 2], k
     vals = [m.value for m in sorted(client.get_metric_history(res.run_id, "val_mse"), key=lambda m: m.step)]
     assert vals == pytest.approx([h["val_mse"] for h in res.history])
-    assert _steps(client, res.run_id, "test_mse") == [1]
+    assert _steps(client, res.run_id, "test_mse") == [2]
+    best = res.best_epoch + 1
+    assert run.data.metrics["best_epoch"] == best and run.data.tags["vmrnn.best_epoch"] == str(best)
+    lead = client.download_artifacts(res.run_id, "metrics/val_lead_time_metrics.json", str(tmp_path))
+    assert json.loads(Path(lead).read_text())["epoch"] == best
+    test_json = client.download_artifacts(res.run_id, "metrics/test_metrics.json", str(tmp_path))
+    assert json.loads(Path(test_json).read_text())["scored_after_epoch"] == 2
+    history = json.loads((Path(res.checkpoint) / "metrics.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2] and history[-1]["best_epoch"] == best
     arts = {a.path for a in client.list_artifacts(res.run_id, "forecasts")}
     assert arts == {"forecasts/forecast_strip.png", "forecasts/forecast.gif"}
     assert {"metrics/lead_time_metrics.png", "metrics/test_metrics.json"} <= {
@@ -84,6 +98,12 @@ def test_mlflow_run_has_params_every_epoch_images_and_a_loadable_model(data_root
     # MLflow's generic loader: the exported graph, a batch size other than the example's, numpy in and out
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{res.run_id}/model")
     np.testing.assert_allclose(np.asarray(pyfunc.predict(x.numpy())), ref, atol=1e-5)
+    # A lean model: its input example is one sample (not a batch), short in JSON
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "model")))
+    example = mlflow.models.Model.load(local).load_input_example(local)
+    assert example.shape == (1, 4, 2, 32, 32) and example.dtype == np.float32
+    for name in ("input_example.json", "serving_input_example.json"):
+        assert (local / name).stat().st_size < 100_000, name  # 344 KB / 548 KB when it was a pretty-printed batch
 
 
 def test_resumed_run_continues_the_same_mlflow_run_once_per_epoch(data_root, tmp_path):
@@ -108,13 +128,33 @@ def test_resumed_run_continues_the_same_mlflow_run_once_per_epoch(data_root, tmp
     runs = client.search_runs([client.get_experiment_by_name("t-resume").experiment_id])
     assert len(runs) == 1
     run_id = runs[0].info.run_id
-    assert _steps(client, run_id, "val_mse") == [0, 1, 2]  # 0 and 1 backfilled from the checkpoint's history
+    assert _steps(client, run_id, "val_mse") == [1, 2, 3]  # 1 and 2 backfilled from the checkpoint's history
     # Resuming from the epoch-2 checkpoint trains nothing more, logs nothing twice, and finishes the run.
     res = train(cfg)
     assert res.run_id == run_id and load_state(res.checkpoint)["mlflow_run_id"] == run_id
     for k in EPOCH_KEYS:
-        assert _steps(client, run_id, k) == [0, 1, 2], k
+        assert _steps(client, run_id, k) == [1, 2, 3], k
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_stopped_run_leaves_no_temporary_folders(data_root, tmp_path, monkeypatch):
+    """A run that never reaches its end (stopped here; an ASHA-pruned trial is killed) leaves nothing in /tmp:
+    each picture's folder goes as soon as MLflow has it."""
+    monkeypatch.setattr(tempfile, "tempdir", str((tmp_path / "tmp").resolve()))
+    (tmp_path / "tmp").mkdir()
+
+    def stop(res):
+        raise TrainingStopped()
+
+    cfg = tiny_cfg(data_root, epochs=2, tracking=True, tracking_uri=_store(tmp_path), experiment="t-stop",
+                   log_model=False)
+    with pytest.raises(TrainingStopped):
+        train(cfg, on_epoch_end=stop)
+    client = MlflowClient(_store(tmp_path))
+    run = client.search_runs([client.get_experiment_by_name("t-stop").experiment_id])[0]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "forecasts")} == {
+        "forecasts/forecast_strip.png", "forecasts/forecast.gif"}
+    assert not list((tmp_path / "tmp").glob("vmrnn-mlflow-*"))
 
 
 def test_divergence_marks_the_run_failed_with_the_reason(data_root, tmp_path):
@@ -155,6 +195,19 @@ def test_one_experiment_rule_for_training_and_sweeps(data_root, tmp_path, monkey
         location = local_file_uri_to_path(client.get_experiment(exp_id).artifact_location)
         assert Path(location) == tmp_path / "store" / "mlruns" / folder
     assert ensure_experiment(uri, "t-rule-sweep") == swept  # training finds the sweep's experiment
+    # MLflow's UI opens our experiments on the runs table (model training, not its GenAI view), with a description
+    for exp_id in (trained, swept):
+        exp_tags = client.get_experiment(exp_id).tags
+        assert exp_tags["mlflow.experimentKind"] == "custom_model_development", exp_tags
+        assert "nested run per trial" in exp_tags["mlflow.note.content"]
+    # ... also one created by MLflow itself (or an older vmrnn) when vmrnn first uses it; a kind chosen is kept
+    bare = client.create_experiment("t-bare", artifact_location=str(tmp_path / "store" / "mlruns" / "t-bare"))
+    chosen = client.create_experiment("t-chosen", artifact_location=str(tmp_path / "store" / "mlruns" / "t-chosen"),
+                                      tags={"mlflow.experimentKind": "genai_development"})
+    ensure_experiment(uri, "t-bare"), ensure_experiment(uri, "t-chosen")
+    assert client.get_experiment(bare).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
+    assert client.get_experiment(chosen).tags["mlflow.note.content"]
     client.delete_experiment(swept)
     with pytest.raises(ExperimentDeleted, match="'t-rule-sweep' in .* is deleted: restore it"):
         train(tiny_cfg(data_root, tracking=True, tracking_uri=uri, experiment="t-rule-sweep"))
@@ -185,7 +238,7 @@ def test_real_mlflow_server_with_an_outage_mid_run(data_root, tmp_path, monkeypa
         run = client.get_run(res.run_id)
         assert run.info.status == "FINISHED"
         for k in EPOCH_KEYS:
-            assert _steps(client, res.run_id, k) == [0, 1, 2], k
+            assert _steps(client, res.run_id, k) == [1, 2, 3], k
         assert client.list_artifacts(res.run_id, "forecasts")
         assert run.data.tags["vmrnn.model_format"] == "pickle"
         fc = load_forecaster(run.data.tags["vmrnn.model_uri"])

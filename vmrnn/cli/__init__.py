@@ -15,8 +15,14 @@ class UserError(Exception):
     """A mistake in what the user asked for: printed as one line, exit status 2, no traceback."""
 
 
+DESCRIPTION = (
+    "Train, evaluate and use VMRNN spatiotemporal forecasters, and manage their data. Sweeps (Ray Tune + "
+    "Optuna) run from sweeps/<dataset>.py; `vmrnn COMMAND --help` explains each command."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vmrnn", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="vmrnn", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:

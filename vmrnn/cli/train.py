@@ -79,7 +79,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.set_defaults(func=run_evaluate)
 
-    q = sub.add_parser("predict", help="forecast future frames from a .npy sequence")
+    q = sub.add_parser(
+        "predict",
+        help="forecast future frames from a .npy sequence",
+        description="Forecast the frames that follow the input frames with a trained model.",
+        epilog=input_shapes_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     q.add_argument("--model", required=True, help="MLflow model URI or training checkpoint folder")
     q.add_argument(
         "--input",
@@ -91,6 +97,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--device", default="cpu")
     q.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/ URIs")
     q.set_defaults(func=run_predict)
+
+
+def input_shapes_help() -> str:
+    """What each dataset's model takes as --input, from the dataset registry."""
+    from vmrnn.data import DATASETS
+
+    lines = ["input frames each dataset's model takes (T, C, H, W), and the frames it forecasts by default:"]
+    for name, spec in DATASETS.items():
+        if spec.in_frames is None or spec.channels is None:
+            lines.append(f"  {name:<8} the shape of the data the model was trained on")
+        else:
+            shape = f"({spec.in_frames}, {spec.channels}, {spec.height}, {spec.width})"
+            lines.append(f"  {name:<8} {shape:<18} -> {spec.out_frames} frames")
+    lines.append("a batch of sequences is (B, T, C, H, W); the forecast .npy has the input's rank.")
+    return "\n".join(lines)
 
 
 def _user_error(msg: str) -> Exception:
@@ -177,6 +198,7 @@ def _train_plain(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
         "run_id": res.run_id,
         "checkpoint": res.checkpoint,
         "config": cfg,
+        "tracking_uri": (res.config or cfg).tracking_uri,
     }
 
 
@@ -250,6 +272,7 @@ def _train_ray(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
         "run_id": rv.get("run_id"),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "path": result.path,
+        "tracking_uri": cfg.tracking_uri,
     }
 
 
@@ -268,11 +291,13 @@ def _is_user_error(exc: BaseException) -> bool:
 
 
 def _print_summary(s: dict[str, Any]) -> None:
+    from vmrnn.train.epochs import epoch_number
+
     m = s.get("metrics") or {}
     print("")
     print(
-        f"best epoch      {s.get('best_epoch')}  (val_mse {s.get('best_val_mse'):.6g})"
-        if s.get("best_val_mse") is not None
+        f"best epoch      {epoch_number(s['best_epoch'])}  (val_mse {s.get('best_val_mse'):.6g})"
+        if s.get("best_val_mse") is not None and s.get("best_epoch") is not None
         else "best epoch      -"
     )
     for k in ("train_loss", "val_mse", "val_mae", "val_ssim", "val_psnr"):
@@ -283,8 +308,29 @@ def _print_summary(s: dict[str, Any]) -> None:
         print("test (best)     " + "  ".join(f"{k} {test[k]:.6g}" for k in ("mse", "mae", "ssim", "psnr") if k in test))
     if s.get("run_id"):
         print(f"MLflow run      {s['run_id']}")
+        ui = _ui_line(s.get("tracking_uri"), s["run_id"])
+        if ui:
+            print(f"MLflow UI       {ui}")
     if s.get("checkpoint"):
         print(f"checkpoint      {s['checkpoint']}")
+
+
+def _ui_line(uri: str | None, run_id: str) -> str | None:
+    """How to look at the run in MLflow's UI (its model-training view), as a command that works as printed."""
+    from vmrnn.tracking.experiments import ui_url
+    from vmrnn.tracking.uris import client, is_remote, strip_credentials
+
+    if not uri:
+        return None
+    try:
+        experiment_id = client(uri).get_run(run_id).info.experiment_id
+    except Exception:  # only a hint: the run is logged either way
+        return None
+    if is_remote(uri):
+        return ui_url(experiment_id, run_id, server=strip_credentials(uri))
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    command = f"{mlflow_bin if mlflow_bin.exists() else 'mlflow'} ui --backend-store-uri {uri}"
+    return f"{command}, then open {ui_url(experiment_id, run_id)}"
 
 
 # ---------------------------------------------------------------------- evaluate / predict
@@ -297,11 +343,14 @@ def _set_tracking(uri: str | None) -> None:
 
 def _load(source: str, device: str) -> Any:
     from vmrnn.tracking.models import load_forecaster
+    from vmrnn.tracking.uris import TrackingUnavailable
 
     try:
         return load_forecaster(source, device=_device(device))
     except (FileNotFoundError, ValueError):
         raise
+    except TrackingUnavailable as exc:
+        raise _user_error(str(exc)) from None
     except Exception as exc:
         if "mlflow" in type(exc).__module__ or "RESOURCE_DOES_NOT_EXIST" in str(exc):
             raise _user_error(f"cannot load model {source}: {str(exc).splitlines()[0][:300]}") from None

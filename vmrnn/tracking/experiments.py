@@ -5,6 +5,11 @@
 - A new experiment of a sqlite store keeps its artifacts beside the database, in mlruns/<experiment name>;
   MLflow's default is ./mlruns of whichever process creates the experiment, so that a sweep, its trials'
   workers and later runs started from other folders would disagree. Other stores choose for themselves.
+- Our experiments are model-training experiments: the tag `mlflow.experimentKind` says so, and
+  `mlflow.note.content` is their description; both are set when vmrnn creates or first uses an experiment
+  that lacks them (a value someone chose is kept). MLflow 3.17's own UI picks its GenAI or model-training
+  view from a URL parameter, else from the browser's last choice (GenAI at first), not from the tag: the
+  links vmrnn prints (`ui_url`) carry `workflowType=machine_learning`, so they open on the runs table.
 """
 
 from __future__ import annotations
@@ -26,8 +31,36 @@ class ExperimentDeleted(TrackingUnavailable):
     """The experiment asked for exists but is deleted (the message says how to restore it)."""
 
 
+# MLflow's own experiment tags: the kind its UI opens an experiment as, and the experiment's description.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+KIND_MODEL_TRAINING = "custom_model_development"  # MLflow's other kind is "genai_development"
+TAG_DESCRIPTION = "mlflow.note.content"
+DESCRIPTION = (
+    "VMRNN spatiotemporal forecasters trained by vmrnn. Each training run is one run (params, per-epoch "
+    "metrics, forecast images under forecasts/, the best model under model/); a sweep is a parent run with "
+    "one nested run per trial. The best model of a sweep is registered as `vmrnn-<dataset>` "
+    "(alias `champion`); see docs/TRAINING.md and docs/SWEEPS.md."
+)
+
+
+# The URL parameter that opens MLflow's UI in its model-training view (runs table, model registry).
+UI_MODEL_TRAINING = "workflowType=machine_learning"
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+def ui_url(experiment_id: str, run_id: str | None = None, server: str = LOCAL_UI) -> str:
+    """The link to an experiment's runs table (or to one run) in MLflow's UI, in its model-training view."""
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/{page}?{UI_MODEL_TRAINING}"
+
+
 def default_experiment(dataset: str) -> str:
     return f"vmrnn-{dataset}"
+
+
+def experiment_tags() -> dict[str, str]:
+    """The tags every vmrnn experiment carries (its kind for MLflow's UI and its description)."""
+    return {TAG_EXPERIMENT_KIND: KIND_MODEL_TRAINING, TAG_DESCRIPTION: DESCRIPTION}
 
 
 def artifact_location(uri: str, name: str) -> str | None:
@@ -49,7 +82,9 @@ def ensure_experiment(uri: str, name: str, *, hint: str = TRAIN_HINT) -> str:
         exp = mlflow_client.get_experiment_by_name(name)
         if exp is None:
             try:
-                return mlflow_client.create_experiment(name, artifact_location=artifact_location(uri, name))
+                return mlflow_client.create_experiment(
+                    name, artifact_location=artifact_location(uri, name), tags=experiment_tags()
+                )
             except Exception:  # created concurrently by another trial or worker
                 exp = mlflow_client.get_experiment_by_name(name)
                 if exp is None:
@@ -60,6 +95,9 @@ def ensure_experiment(uri: str, name: str, *, hint: str = TRAIN_HINT) -> str:
                 f"(MLFLOW_TRACKING_URI=... mlflow experiments restore --experiment-id {exp.experiment_id}) "
                 "or choose another experiment name"
             )
+        for key, value in experiment_tags().items():  # an experiment made by MLflow itself or an older vmrnn
+            if key not in exp.tags:
+                mlflow_client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     except TrackingUnavailable:
         raise

@@ -7,6 +7,10 @@ vmrnn installed) of a CPU copy using the pure-PyTorch scan, with a dynamic batch
 vmrnn weights and config ride along as `extra_files`, so `load_forecaster` rebuilds the eager model
 (any device, any horizon, the CUDA scan). `model_format="pickle"` logs the eager module with
 cloudpickle instead (seconds instead of ~20-90 s of export on a CPU; needs vmrnn to load).
+
+The input example stored with the model is one sample, its values rounded to 1/32 steps: it documents the
+input's shape and range, and at 8-bit float precision its two JSON copies (input_example.json,
+serving_input_example.json) would be most of a small model's size.
 """
 
 from __future__ import annotations
@@ -17,12 +21,21 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from vmrnn.tracking.uris import default_tracking_uri, pinned_tracking_uri
+from vmrnn.tracking.uris import (
+    TrackingUnavailable,
+    check_reachable,
+    default_tracking_uri,
+    is_remote,
+    pinned_tracking_uri,
+    sqlite_path,
+    strip_credentials,
+)
 from vmrnn.train.export import (
     META_FILE,
     WEIGHTS_FILE,
@@ -35,22 +48,36 @@ from vmrnn.train.export import (
 log = logging.getLogger("vmrnn.train")
 # MLflow is imported inside the functions that call it: importing this module does not import MLflow.
 
+EXAMPLE_LEVELS = 32  # the input example's values are multiples of 1/32: short in JSON, still a picture
+
+
+def small_example(frames: np.ndarray) -> np.ndarray:
+    """The input example logged with a model: the first sample of (B, T, C, H, W) frames (or the one sample of
+    (T, C, H, W)) as a batch of one, float32, rounded to multiples of 1/EXAMPLE_LEVELS."""
+    x = np.asarray(frames, dtype=np.float32)
+    if x.ndim == 4:
+        x = x[None]
+    if x.ndim != 5 or x.shape[0] < 1:
+        raise ValueError(f"an input example must be (T, C, H, W) or (B, T, C, H, W) frames; got shape {x.shape}")
+    return np.ascontiguousarray(np.round(x[:1] * EXAMPLE_LEVELS) / EXAMPLE_LEVELS, dtype=np.float32)
+
 
 def log_forecaster(
     state: dict[str, Tensor], meta: dict[str, Any], example: np.ndarray, *, fmt: str = "pt2", name: str = "model"
 ) -> tuple[Any, str]:
-    """Log into the *active* MLflow run. Returns (ModelInfo, the format actually used)."""
+    """Log into the *active* MLflow run; `example` holds input frames (`small_example` keeps one sample).
+    Returns (ModelInfo, the format actually used)."""
     import mlflow
-    from mlflow.models import ModelSignature
+    from mlflow.models import Model, ModelSignature
     from mlflow.types import Schema, TensorSpec
 
     fc = build_forecaster(state, meta["model"], meta["n_input"], meta["n_future"], "cpu", scan_backend="torch")
+    example = small_example(example)
     _, t_in, c, h, w = example.shape
     sig = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, t_in, c, h, w))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, meta["n_future"], c, h, w))]),
     )
-    example = np.ascontiguousarray(example, dtype=np.float32)
     torch_req = f"torch=={torch.__version__.split('+')[0]}"
     with tempfile.TemporaryDirectory() as tmp:
         wpath, mpath = Path(tmp) / WEIGHTS_FILE, Path(tmp) / META_FILE
@@ -63,8 +90,10 @@ def log_forecaster(
             try:
                 # validate_serving_input=False: MLflow would load the exported program back and run it once
                 # more (seconds); the pt2 branch of save_model takes no other extra kwargs.
-                info = mlflow.pytorch.log_model(
-                    fc,
+                info = Model.log(
+                    artifact_path=None,  # MLflow 3 names the model by `name`
+                    flavor=_PyTorchOneSampleExample(),
+                    pytorch_model=fc,
                     serialization_format="pt2",
                     validate_serving_input=False,
                     pip_requirements=[torch_req, "numpy"],
@@ -81,6 +110,27 @@ def log_forecaster(
             fc, serialization_format="pickle", pip_requirements=[torch_req, "numpy", "einops", "vmrnn-sweeps"], **common
         )
         return info, "pickle"
+
+
+class _PyTorchOneSampleExample:
+    """mlflow.pytorch as the flavor of `Model.log`, for pt2: torch.export traces the example twice over (it keeps
+    the batch dimension dynamic only for a batch > 1), and the stored input example stays the one sample."""
+
+    __name__ = "mlflow.pytorch"  # the flavor name MLflow records on the logged model
+
+    def save_model(self, path: str, mlflow_model: Any, input_example: np.ndarray, **kwargs: Any) -> None:
+        import mlflow
+        from mlflow.models import convert_input_example_to_serving_input
+
+        mlflow.pytorch.save_model(
+            path=path, mlflow_model=mlflow_model, input_example=np.concatenate([input_example] * 2), **kwargs
+        )
+        saved = mlflow_model.saved_input_example_info or {}
+        if saved.get("type") == "ndarray":  # MLflow's files of the traced pair, rewritten with the one sample
+            Path(path, saved["artifact_path"]).write_text(json.dumps(input_example.tolist()))
+            if saved.get("serving_input_path"):
+                serving = json.loads(convert_input_example_to_serving_input(input_example))  # without its indent
+                Path(path, saved["serving_input_path"]).write_text(json.dumps(serving))
 
 
 def log_forecaster_in_run(
@@ -103,6 +153,10 @@ def log_forecaster_in_run(
     return info.model_uri, used
 
 
+class ModelNotFound(FileNotFoundError):
+    """An MLflow model URI that the tracking store does not hold (the message names the store)."""
+
+
 def load_forecaster(
     uri_or_path: str | os.PathLike,
     *,
@@ -113,7 +167,10 @@ def load_forecaster(
     """Load a forecaster from an MLflow model URI (models:/..., runs:/..., or any artifact URI; resolved
     against `tracking_uri`, default $MLFLOW_TRACKING_URI else ./mlflow.db), an MLflow model folder, or a
     local training checkpoint (an epoch dir, a checkpoint root, or a Ray run folder); `which` picks the
-    checkpoint's best (by val_mse) or last weights."""
+    checkpoint's best (by val_mse) or last weights.
+
+    Reading never writes: a store that does not exist is `TrackingUnavailable` (nothing is created), a model
+    the store lacks is `ModelNotFound`; both name the tracking URI and how to point elsewhere."""
     device = torch.device(device)
     s = str(uri_or_path)
     is_uri = "://" in s or s.startswith(("models:/", "runs:/"))
@@ -131,10 +188,41 @@ def load_forecaster(
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Resolve the store here, not from mlflow's process-global URIs, which an earlier run may have set;
     # models:/ URIs are resolved through the registry URI, so both are pinned.
+    where = (
+        "from --tracking-uri / MLFLOW_TRACKING_URI"
+        if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        else "the default store: mlflow.db in the current folder"
+    )
     tracking_uri = tracking_uri or default_tracking_uri()
-    with pinned_tracking_uri(tracking_uri):
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=s, tracking_uri=tracking_uri))
+    if s.startswith(("models:/", "runs:/")):
+        _check_store_exists(tracking_uri, where)
+    try:
+        with pinned_tracking_uri(tracking_uri):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=s, tracking_uri=tracking_uri))
+    except Exception as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")) or "not found" in str(exc).lower():
+            raise ModelNotFound(
+                f"{s} is not in the MLflow tracking store {strip_credentials(tracking_uri)} ({where}): "
+                f"{str(exc).splitlines()[0][:200]}; point --tracking-uri / MLFLOW_TRACKING_URI at the store "
+                "that holds it"
+            ) from None
+        raise
     return _from_mlflow_dir(local, device, s)
+
+
+def _check_store_exists(uri: str, where: str) -> None:
+    """A local store that is not there is an error, never created by a read (MLflow would create an empty one)."""
+    hint = (
+        "; run from the folder that holds mlflow.db, or point --tracking-uri / MLFLOW_TRACKING_URI at your "
+        "store (sqlite:////abs/path/mlflow.db or http://HOST:5000)"
+    )
+    if is_remote(uri):
+        check_reachable(uri, hint="")
+        return
+    db = sqlite_path(uri)
+    folder = Path(urlsplit(uri).path) if uri.startswith("file:") else None
+    if (db is not None and not db.is_file()) or (folder is not None and not folder.is_dir()):
+        raise TrackingUnavailable(f"no MLflow tracking store at {uri} ({where}); nothing was created{hint}")
 
 
 def _from_mlflow_dir(local: Path, device: torch.device, source: str) -> LoadedForecaster:

@@ -2,15 +2,21 @@
 
 One MLflow run per training run. It is found again after a restart, first by the run id stored in the
 checkpoint, then by the tag `vmrnn.run_key`, else created. Params are the full resolved config
-(flattened, secrets redacted); metrics are logged per epoch with step=epoch, and every (metric, epoch)
-pair is logged once: on (re)start the run's metric history is read, and epochs that the checkpoint's
-history has but MLflow lacks are backfilled, while epochs MLflow already has are never logged again.
+(flattened, secrets redacted). Metrics are logged per epoch at step = the epoch counted from 1, as the
+console and Ray's training_iteration count (the loop's 0-based index is converted here with
+`epoch_number`; so are `best_epoch`, the best-epoch tag and the picture titles). Every (metric, epoch) pair
+is logged once: on (re)start the run's metric history is read, and epochs that the checkpoint's history has
+but MLflow lacks are backfilled, while epochs MLflow already has are never logged again.
 
 Outages: a tracking store that cannot be reached at start is an error within seconds
 (`TrackingUnavailable`, naming the URI; see vmrnn.tracking.uris). Later failures do not stop training:
 metrics and artifacts are buffered and retried with exponential back-off (1 s .. 60 s) at each epoch;
 `finish()` keeps trying for VMRNN_MLFLOW_FLUSH_TIMEOUT_S (default 60 s), then writes what is still unsent
 to a JSON file and warns.
+
+Pictures and JSON files are drawn into a temporary folder per upload, removed once MLflow has them (or
+when a newer picture replaces one still waiting): a run that is killed (an ASHA-pruned trial) or stopped
+leaves nothing behind in /tmp.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from vmrnn.tracking.models import log_forecaster_in_run
 from vmrnn.tracking.uris import TrackingUnavailable, strip_credentials
 from vmrnn.train import visualize
 from vmrnn.train.config import TrainConfig, flatten
+from vmrnn.train.epochs import epoch_number
 from vmrnn.train.export import model_meta
 
 log = logging.getLogger("vmrnn.train")
@@ -77,6 +84,11 @@ class _Op:
     desc: str
     fn: Callable[[], Any]
     key: str | None = None  # a later op with the same key replaces a pending one
+    files: Path | None = None  # its temporary folder, removed once the op is done or replaced
+
+    def discard(self) -> None:
+        if self.files is not None:
+            shutil.rmtree(self.files, ignore_errors=True)
 
 
 class RunTracker:
@@ -91,7 +103,6 @@ class RunTracker:
         self._failures = 0
         self._next_try = 0.0
         self._outage_since: float | None = None
-        self._staging = Path(tempfile.mkdtemp(prefix="vmrnn-mlflow-"))
         self.closed = False
 
     # ---- opening
@@ -138,7 +149,7 @@ class RunTracker:
                 # from which epoch, and the failure that caused it (no longer the run's failure reason).
                 tags = run.data.tags
                 client.set_tag(run.info.run_id, T.TAG_RESTARTS, str(int(tags.get(T.TAG_RESTARTS, "0") or 0) + 1))
-                epochs = [int(h["epoch"]) for h in history if "epoch" in h]
+                epochs = [epoch_number(h["epoch"]) for h in history if "epoch" in h]
                 client.set_tag(run.info.run_id, T.TAG_RESUMED_FROM_EPOCH, str(max(epochs)) if epochs else "none")
                 if tags.get(T.TAG_FAILURE):
                     client.set_tag(run.info.run_id, T.TAG_PREVIOUS_FAILURE, tags[T.TAG_FAILURE][:5000])
@@ -192,7 +203,9 @@ class RunTracker:
     # ---- buffered sending
     def _submit(self, op: _Op) -> None:
         if op.key is not None:
-            self._ops = [o for o in self._ops if o.key != op.key]
+            for old in [o for o in self._ops if o.key == op.key]:
+                old.discard()
+                self._ops.remove(old)
         self._ops.append(op)
 
     def pump(self, force: bool = False) -> bool:
@@ -209,7 +222,7 @@ class RunTracker:
             while self._ops:
                 op = self._ops[0]
                 self._call(op.fn, op.desc)
-                self._ops.pop(0)
+                self._ops.pop(0).discard()
         except _Deferred:
             return False
         if self._outage_since is not None:
@@ -254,14 +267,18 @@ class RunTracker:
             time.sleep(max(0.05, wait))
 
     # ---- logging
-    def log_epoch(self, metrics: dict[str, Any], step: int, pump: bool = True) -> int:
+    def log_epoch(self, metrics: dict[str, Any], epoch: int, pump: bool = True) -> int:
+        """Buffer the metrics of the loop's epoch `epoch` (0-based) at MLflow step `epoch_number(epoch)`."""
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
+        step = epoch_number(epoch)
         n = 0
         for k, v in metrics.items():
             if k == "epoch" or not _is_number(v):
                 continue
+            if k == "best_epoch":
+                v = epoch_number(v)
             seen = self.logged.setdefault(k, set())
             if step in seen:
                 continue
@@ -273,40 +290,29 @@ class RunTracker:
         return n
 
     def log_best_epoch(self, epoch: int, vis: tuple[Any, Any, Any] | None, val: dict[str, Any], n_input: int) -> None:
-        """New best validation epoch: refresh the forecast pictures and the lead-time curves."""
-        d = self._staging / f"best_{epoch:04d}"
-        d.mkdir(parents=True, exist_ok=True)
+        """New best validation epoch (the loop's index): refresh the forecast pictures and the lead-time curves."""
+        epoch = epoch_number(epoch)
         title = f"epoch {epoch}  val_mse {val.get('mse', float('nan')):.4g}"
         if vis is not None and self.cfg.log_images:
+            d = _upload_dir("forecasts")
             try:
                 visualize.save_strip(*vis, d / visualize.STRIP_FILE, title=title)
                 visualize.save_gif(*vis, d / visualize.GIF_FILE)
-                self._submit(
-                    _Op(
-                        "forecast images",
-                        lambda d=d: self._log_dir_files(d, [visualize.STRIP_FILE, visualize.GIF_FILE], "forecasts"),
-                        key="images",
-                    )
-                )
+                self._submit(_files_op("forecast images", self._log_dir_files, d, "forecasts", key="images"))
             except Exception as exc:  # a picture must never stop training
+                shutil.rmtree(d, ignore_errors=True)
                 log.warning("could not draw forecast images: %s", exc)
         per_lead = {k: v for k, v in val.items() if isinstance(v, list)}
         if per_lead:
+            d = _upload_dir("lead")
             try:
                 visualize.save_lead_time_plot(
                     _lead_panels(per_lead), d / visualize.LEAD_FILE, title=f"validation, {title}"
                 )
                 (d / "val_lead_time_metrics.json").write_text(json.dumps({"epoch": epoch, **per_lead}, indent=1))
-                self._submit(
-                    _Op(
-                        "lead-time metrics",
-                        lambda d=d: self._log_dir_files(
-                            d, [visualize.LEAD_FILE, "val_lead_time_metrics.json"], "metrics"
-                        ),
-                        key="lead",
-                    )
-                )
+                self._submit(_files_op("lead-time metrics", self._log_dir_files, d, "metrics", key="lead"))
             except Exception as exc:
+                shutil.rmtree(d, ignore_errors=True)
                 log.warning("could not draw the lead-time plot: %s", exc)
         self._submit(
             _Op(
@@ -318,26 +324,24 @@ class RunTracker:
         self.pump()
 
     def log_test(self, test: dict[str, Any], epoch: int) -> None:
+        """The test scores of the best weights, after the loop's epoch `epoch`."""
+        epoch = epoch_number(epoch)
         per_lead = {k: v for k, v in test.items() if isinstance(v, list)}
-        d = self._staging / "test"
-        d.mkdir(parents=True, exist_ok=True)
+        d = _upload_dir("test")
         (d / "test_metrics.json").write_text(json.dumps({"scored_after_epoch": epoch, **test}, indent=1, default=str))
-        files = ["test_metrics.json"]
         if per_lead:
             try:
                 visualize.save_lead_time_plot(
                     _lead_panels(per_lead), d / "test_lead_time_metrics.png", title="test (best weights)"
                 )
-                files.append("test_lead_time_metrics.png")
             except Exception as exc:
                 log.warning("could not draw the test lead-time plot: %s", exc)
-        self._submit(_Op("test metrics", lambda: self._log_dir_files(d, files, "metrics"), key="test"))
+        self._submit(_files_op("test metrics", self._log_dir_files, d, "metrics", key="test"))
         self.pump()
 
-    def _log_dir_files(self, d: Path, names: list[str], artifact_path: str) -> None:
-        for name in names:
-            if (d / name).exists():
-                self.client.log_artifact(self.run_id, str(d / name), artifact_path)
+    def _log_dir_files(self, d: Path, artifact_path: str) -> None:
+        for f in sorted(d.iterdir()):
+            self.client.log_artifact(self.run_id, str(f), artifact_path)
 
     def log_model(self, best_state: dict[str, Any], model_cfg: dict[str, Any], spec: Any, val_ds: Any) -> str | None:
         """Log the best weights as an MLflow model (once per run); returns its URI."""
@@ -350,8 +354,7 @@ class RunTracker:
                 return run.data.tags[T.TAG_MODEL_URI]
         except Exception:
             pass
-        k = min(2, len(val_ds))
-        example = np.stack([np.asarray(val_ds[i % len(val_ds)][0]) for i in range(max(2, k))]).astype(np.float32)
+        example = np.asarray(val_ds[0][0], dtype=np.float32)  # one sample: see vmrnn.tracking.models
         meta = model_meta(
             model_cfg,
             {
@@ -403,10 +406,8 @@ class RunTracker:
         if self.closed:
             return
         self._submit(_Op(f"run status {status}", lambda: self.client.set_terminated(self.run_id, status)))
-        if self.flush(timeout):
-            shutil.rmtree(self._staging, ignore_errors=True)
-        else:
-            unsent = self._staging / "unsent_metrics.json"
+        if not self.flush(timeout):
+            unsent = _upload_dir("unsent") / "unsent_metrics.json"
             unsent.write_text(
                 json.dumps(
                     [{"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp} for m in self._metrics],
@@ -416,7 +417,7 @@ class RunTracker:
             log.warning(
                 "MLflow at %s still unreachable: run %s left unfinished; %d metric values and %d "
                 "operations (%s) not sent; the metrics are saved in %s (the checkpoint's history has "
-                "them too and a resumed run backfills them)",
+                "them too and a resumed run backfills them; delete the folder when done)",
                 strip_credentials(self.uri),
                 self.run_id,
                 len(self._metrics),
@@ -425,6 +426,15 @@ class RunTracker:
                 unsent,
             )
         self.closed = True
+
+
+def _upload_dir(what: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"vmrnn-mlflow-{what}-"))
+
+
+def _files_op(desc: str, upload: Callable[[Path, str], None], d: Path, artifact_path: str, key: str) -> _Op:
+    """Upload every file of the temporary folder `d` under `artifact_path`; the folder goes once sent."""
+    return _Op(desc, lambda: upload(d, artifact_path), key=key, files=d)
 
 
 class _Deferred(Exception):

@@ -161,8 +161,9 @@ class SweepTracker:
         error: str | None = None,
         params: dict[str, Any] | None = None,
     ) -> str | None:
-        """Give a trial's run its final status (idempotent). A trial that failed before the training
-        layer opened its run gets a run here, so that every trial shows up under the parent."""
+        """Give a trial's run its final status (idempotent; MLflow status by D.MLFLOW_STATUS: a pruned trial's
+        run is FINISHED and tagged PRUNED with the epoch it stopped after). A trial that failed before the
+        training layer opened its run gets a run here, so that every trial shows up under the parent."""
         run = self.find_trial_run(sweep, trial_id)
         if run is None:
             if status != D.TRIAL_FAILED:
@@ -182,6 +183,8 @@ class SweepTracker:
                 self.log_params_once(run.info.run_id, {k: v for k, v in params.items()})
         run_id = run.info.run_id
         self.client.set_tag(run_id, T.TAG_TRIAL_STATUS, status)
+        if status == D.TRIAL_PRUNED and T.TAG_PRUNED_AT_EPOCH not in run.data.tags:
+            self._record_pruned_epoch(run_id)
         if error:
             self.client.set_tag(run_id, T.TAG_ERROR, error[:4900])
             self.client.log_text(run_id, error, "error.txt")
@@ -189,6 +192,14 @@ class SweepTracker:
         if mlflow_status and (run.info.status != mlflow_status or run.info.end_time is None):
             self.client.set_terminated(run_id, status=mlflow_status)
         return run_id
+
+    def _record_pruned_epoch(self, run_id: str) -> None:
+        """The epoch ASHA stopped the trial after: the last one its run has metrics of (MLflow steps count epochs
+        from 1), as a tag and a metric, so that a pruned run reads as stopped early, not as a crash."""
+        steps = [m.step for m in self.client.get_metric_history(run_id, D.METRIC)]
+        if steps:
+            self.client.set_tag(run_id, T.TAG_PRUNED_AT_EPOCH, str(max(steps)))
+            self.client.log_metric(run_id, "pruned_at_epoch", float(max(steps)), step=max(steps))
 
     def close_orphans(self, parent_run_id: str, known_trial_ids: set[str]) -> list[str]:
         """Runs under the parent left RUNNING by trials this sweep no longer knows (a driver that died

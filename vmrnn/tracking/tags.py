@@ -32,6 +32,7 @@ ROLE_SWEEP = "sweep"
 ROLE_TRIAL = "trial"
 TAG_TRIAL_ID = "vmrnn.trial_id"
 TAG_TRIAL_STATUS = "vmrnn.trial_status"  # RUNNING | FINISHED | PRUNED | FAILED | ORPHANED
+TAG_PRUNED_AT_EPOCH = "vmrnn.pruned_at_epoch"  # a PRUNED trial's last epoch (counted from 1); also a metric
 TAG_ERROR = "vmrnn.error"
 TAG_SWEEP_STATUS = "vmrnn.sweep_status"  # RUNNING | FINISHED | INTERRUPTED | FAILED
 TAG_EVAL_DATA = "vmrnn.eval_data"  # "real" | "synthetic": what val_mse was measured on (also on model versions)

@@ -5,7 +5,8 @@
     best_model.pt    state_dict of the best epoch so far (by val_mse): what test scoring and export use
     config.json      {"train": TrainConfig dict, "model": ModelConfig dict, "dataset": {...}} (readable;
                      enough to rebuild the model without unpickling state.pt)
-    metrics.json     the per-epoch metrics history (readable)
+    metrics.json     the per-epoch metrics history (readable; `epoch` and `best_epoch` counted from 1, as
+                     everywhere users see epochs; state.pt keeps the loop's 0-based index)
 
 Plain runs keep `<checkpoint_dir>/epoch_NNNN/` (the newest `keep_checkpoints`); Ray runs hand the same
 directory to `ray.train.report`. Tensors are loaded with `weights_only=True`.
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from vmrnn.train.epochs import epoch_number
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.pt"
@@ -67,8 +70,13 @@ def write_checkpoint(
     if best_model is not None:
         torch.save(best_model, d / BEST_FILE)
     (d / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
-    (d / METRICS_FILE).write_text(json.dumps(state.get("history", []), indent=2, default=_json_default))
+    (d / METRICS_FILE).write_text(json.dumps(_readable(state.get("history", [])), indent=2, default=_json_default))
     return d
+
+
+def _readable(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The history with its epochs counted from 1, as users see them."""
+    return [{**h, **{k: epoch_number(h[k]) for k in ("epoch", "best_epoch") if k in h}} for h in history]
 
 
 def _json_default(o: Any) -> Any:

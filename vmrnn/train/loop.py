@@ -6,6 +6,8 @@ validates on the `val` split (never the test split); model selection is by val_m
 epoch the best weights are scored once on the `test` split. Metrics are summed over ranks, so a run on
 N workers reports the same numbers as one process on the same data.
 
+The loop counts epochs from 0; users see them counted from 1 (vmrnn.train.epochs).
+
 Imports neither Ray nor (unless tracking is on) MLflow.
 """
 
@@ -37,6 +39,7 @@ from vmrnn.train.distributed import (
     seed_everything,
     unwrap,
 )
+from vmrnn.train.epochs import epoch_number
 from vmrnn.train.execution import resolution_line
 from vmrnn.train.schedule import LRSchedule, build_optimizer
 from vmrnn.train.step import ExecutionConfig, make_forecast, make_train_step
@@ -67,7 +70,7 @@ class TrainingDiverged(RuntimeError):
         self.epoch, self.step, self.loss, self.lr = epoch, step, loss, lr
         hint = f" at lr {lr:.3g}" if lr is not None else ""
         super().__init__(
-            f"training diverged: loss is {loss} at epoch {epoch}, step {step}{hint} "
+            f"training diverged: loss is {loss} at epoch {epoch_number(epoch)}, step {step}{hint} "
             "(lower lr, set grad_clip, or use precision=fp32)"
         )
 
@@ -400,7 +403,7 @@ def run_training(
                 "val_loss": float(val["loss"]),
                 "train_time_s": train_time,
                 "best_val_mse": best_val,
-                "best_epoch": best_epoch,
+                "best_epoch": best_epoch,  # the loop's index, as `epoch`
                 "val_samples": int(val["count"]),
                 "world_size": env.world_size,
             }
@@ -413,7 +416,7 @@ def run_training(
             if env.is_main:
                 log.info(
                     "epoch %d/%d  train_loss %.5g  val_mse %.5g  val_ssim %.4f  lr %.3g  %.1fs",
-                    epoch + 1,
+                    epoch_number(epoch),
                     cfg.epochs,
                     train_loss,
                     val["mse"],

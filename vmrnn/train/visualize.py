@@ -33,6 +33,20 @@ def _channel_views(frame: np.ndarray) -> list[np.ndarray]:
 
 def save_strip(inputs, targets, preds, path: str | os.PathLike, *, title: str = "") -> Path:
     """Rows per sample (and channel): inputs | targets, and inputs | predictions, one frame per column."""
+    import matplotlib.pyplot as plt
+
+    fig = strip_figure(inputs, targets, preds, title=title)
+    path = Path(path)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+TITLE_IN = 0.35  # inches above the frames kept for the title, so that it never covers the column labels
+
+
+def strip_figure(inputs, targets, preds, *, title: str = ""):
+    """The matplotlib figure `save_strip` saves (the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -43,7 +57,9 @@ def save_strip(inputs, targets, preds, path: str | os.PathLike, *, title: str = 
     t_out = y.shape[1]
     views = 1 if c == 3 else c
     rows, cols = n * 2 * views, t_in + t_out
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.9, rows * 0.9 + 0.4), squeeze=False)
+    top = TITLE_IN if title else 0.0
+    height = rows * 0.9 + 0.4 + top
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.9, height), squeeze=False)
     for i in range(n):
         for v in range(views):
             for kind in range(2):
@@ -65,13 +81,14 @@ def save_strip(inputs, targets, preds, path: str | os.PathLike, *, title: str = 
                 axes[r, 0].set_ylabel(label, fontsize=6, rotation=0, ha="right", va="center")
     for t in range(cols):
         axes[0, t].set_title(f"t{t - t_in + 1:+d}" if t >= t_in else f"in{t}", fontsize=6)
+    # tight_layout ignores a suptitle: lay the frames out below a band kept for it, then put the title just
+    # above the column labels (square frames sit higher in their cells than tight_layout assumes)
+    fig.tight_layout(pad=0.2, rect=(0, 0, 1, 1 - top / height))
     if title:
-        fig.suptitle(title, fontsize=8)
-    fig.tight_layout(pad=0.2)
-    path = Path(path)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+        renderer = fig.canvas.get_renderer()
+        labels_top = max(ax.title.get_window_extent(renderer).y1 for ax in axes[0])
+        fig.suptitle(title, fontsize=8, y=(labels_top + 2) / fig.bbox.height, va="bottom")
+    return fig
 
 
 def save_gif(inputs, targets, preds, path: str | os.PathLike, *, frame_ms: int = 250, min_size: int = 96) -> Path:

@@ -21,8 +21,9 @@ TRIAL_FINISHED = "FINISHED"
 TRIAL_PRUNED = "PRUNED"
 TRIAL_FAILED = "FAILED"
 TRIAL_PENDING = "PENDING"
-# MLflow run status per trial status (a pruned trial was stopped by ASHA: KILLED).
-MLFLOW_STATUS = {TRIAL_FINISHED: "FINISHED", TRIAL_PRUNED: "KILLED", TRIAL_FAILED: "FAILED"}
+# MLflow run status per trial status. Early stopping by ASHA is a normal outcome, not a crash: a pruned trial's
+# run is FINISHED, with the tags vmrnn.trial_status=PRUNED and vmrnn.pruned_at_epoch (vmrnn.tracking.sweeps).
+MLFLOW_STATUS = {TRIAL_FINISHED: "FINISHED", TRIAL_PRUNED: "FINISHED", TRIAL_FAILED: "FAILED"}
 
 
 def registered_model_name(dataset: str) -> str:

@@ -138,6 +138,7 @@ def log_best(tracker: SweepTracker, parent_id: str, best: TrialRow, rows: list[T
     """The best trial's metrics, params and ids on the parent run, with the trial counts."""
     metrics = {f"best_{k}": v for k, v in best.best_metrics.items()}
     metrics["best_val_mse"] = best.best_val_mse
+    metrics.update({"best_epoch": best.best_epoch} if best.best_epoch else {})  # counted from 1, as the console
     metrics.update(
         {
             "trials_finished": sum(r.status == D.TRIAL_FINISHED for r in rows),

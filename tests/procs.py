@@ -30,6 +30,7 @@ BIN = Path(sys.executable).parent
 
 # ---------------------------------------------------------------------- ports, waits, environment
 
+
 def free_port() -> int:
     """A loopback port that nothing listens on (bound, then released)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -37,8 +38,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(predicate, timeout: float, interval: float = 1.0, what: str = "condition",
-             proc: subprocess.Popen | None = None):
+def wait_for(
+    predicate, timeout: float, interval: float = 1.0, what: str = "condition", proc: subprocess.Popen | None = None
+):
     """predicate()'s first truthy value, polled every `interval` s; a TimeoutError after `timeout` s, or a
     RuntimeError as soon as `proc` (the process that should make it true) has exited."""
     deadline = time.monotonic() + timeout
@@ -53,8 +55,9 @@ def wait_for(predicate, timeout: float, interval: float = 1.0, what: str = "cond
         except Exception as exc:  # not up yet
             last_exc = exc
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}"
-                       + (f" (last error: {last_exc})" if last_exc else ""))
+    raise TimeoutError(
+        f"timed out after {timeout:.0f} s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else "")
+    )
 
 
 def http_ok(url: str, timeout: float = 3.0) -> bool:
@@ -66,8 +69,12 @@ def scrubbed_env(**extra: str) -> dict[str, str]:
     """This environment without a Ray address or MLflow URI of the caller's, loopback-only Ray, no
     telemetry; `extra` on top."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING"))}
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONUNBUFFERED="1",
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     env.update(extra)
     return env
 
@@ -79,6 +86,7 @@ def ray_temp_dir() -> Path:
 
 
 # ---------------------------------------------------------------------- processes
+
 
 def processes_mentioning(marker: str) -> list[tuple[int, str]]:
     """(pid, command line) of the processes whose command line names `marker`."""
@@ -142,6 +150,7 @@ def _group_alive(proc: subprocess.Popen) -> bool:
 
 # ---------------------------------------------------------------------- a real `mlflow server`
 
+
 class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 (lean: 1 worker, no job execution) with a SQLite store in
     `root`; it can be stopped and started again on the same port and store (an outage).
@@ -161,20 +170,44 @@ class MlflowServer:
     def start(self, timeout: float = 90.0) -> MlflowServer:
         env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
         env.pop("MLFLOW_TRACKING_URI", None)
-        artifacts = ["--artifacts-destination" if self.serve_artifacts else "--default-artifact-root",
-                     str(self.root / "artifacts")]
+        artifacts = [
+            "--artifacts-destination" if self.serve_artifacts else "--default-artifact-root",
+            str(self.root / "artifacts"),
+        ]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [str(BIN / "mlflow"), "server", "--workers", "1", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", *artifacts],
-                cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    str(BIN / "mlflow"),
+                    "server",
+                    "--workers",
+                    "1",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--backend-store-uri",
+                    f"sqlite:///{self.root / 'mlflow.db'}",
+                    *artifacts,
+                ],
+                cwd=self.root,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
-            wait_for(lambda: http_ok(f"{self.uri}/health"), timeout, interval=0.3, what="mlflow server /health",
-                     proc=self.proc)
+            wait_for(
+                lambda: http_ok(f"{self.uri}/health"),
+                timeout,
+                interval=0.3,
+                what="mlflow server /health",
+                proc=self.proc,
+            )
         except (TimeoutError, RuntimeError) as exc:
             self.stop()
-            raise RuntimeError(f"mlflow server did not start: {exc}; its log ({self.log_path}):\n"
-                               + self.log_path.read_text()[-3000:]) from None
+            raise RuntimeError(
+                f"mlflow server did not start: {exc}; its log ({self.log_path}):\n" + self.log_path.read_text()[-3000:]
+            ) from None
         return self
 
     def stop(self, grace: float = 5.0) -> None:
@@ -193,6 +226,7 @@ def running_mlflow_server(root: Path, serve_artifacts: bool = False) -> Iterator
 
 
 # ---------------------------------------------------------------------- Ray
+
 
 @dataclass
 class RayHead:
@@ -226,19 +260,50 @@ def start_ray_head(root: Path, env: dict[str, str], num_cpus: int = 2) -> RayHea
     temp_dir = ray_temp_dir()
     with open(root / "ray-head.log", "ab") as log:
         proc = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", str(num_cpus), "--num-gpus", "0",
-             "--port", str(gcs_port), "--dashboard-port", str(dash_port), "--include-dashboard", "true",
-             "--dashboard-host", "127.0.0.1", "--dashboard-agent-listen-port", str(agent_port),
-             "--ray-client-server-port", str(client_port), "--temp-dir", str(temp_dir), "--disable-usage-stats"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                str(BIN / "ray"),
+                "start",
+                "--head",
+                "--block",
+                "--num-cpus",
+                str(num_cpus),
+                "--num-gpus",
+                "0",
+                "--port",
+                str(gcs_port),
+                "--dashboard-port",
+                str(dash_port),
+                "--include-dashboard",
+                "true",
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-agent-listen-port",
+                str(agent_port),
+                "--ray-client-server-port",
+                str(client_port),
+                "--temp-dir",
+                str(temp_dir),
+                "--disable-usage-stats",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     head = RayHead(proc, dash_port, temp_dir)
     try:
-        wait_for(lambda: ray_job(env, head.address, "list", timeout=30).returncode == 0, 120, interval=2,
-                 what="the Ray job server", proc=proc)
+        wait_for(
+            lambda: ray_job(env, head.address, "list", timeout=30).returncode == 0,
+            120,
+            interval=2,
+            what="the Ray job server",
+            proc=proc,
+        )
     except (TimeoutError, RuntimeError) as exc:
         head.remove()
-        raise RuntimeError(f"ray start --head did not come up: {exc}; its log:\n"
-                           + (root / "ray-head.log").read_text()[-3000:]) from None
+        raise RuntimeError(
+            f"ray start --head did not come up: {exc}; its log:\n" + (root / "ray-head.log").read_text()[-3000:]
+        ) from None
     return head
 
 
@@ -260,8 +325,13 @@ def running_local_ray(num_cpus: int = 2) -> Iterator[Path]:
 
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")  # a loaded 2-core machine
     temp_dir = ray_temp_dir()
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-             _temp_dir=str(temp_dir))
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        log_to_driver=False,
+        _temp_dir=str(temp_dir),
+    )
     try:
         yield temp_dir
     finally:
@@ -272,8 +342,13 @@ def running_local_ray(num_cpus: int = 2) -> Iterator[Path]:
 
 def ray_job(env: dict[str, str], address: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     sub, *rest = args  # `--address` before any `-- entrypoint`
-    return subprocess.run([str(BIN / "ray"), "job", sub, "--address", address, *rest], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "ray"), "job", sub, "--address", address, *rest],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def job_status(env, address, job_id) -> str:
@@ -282,8 +357,11 @@ def job_status(env, address, job_id) -> str:
     found = re.search(r"Status for job '[^']*': (\w+)", out)
     if found:
         return found.group(1)
-    for pattern, status in ((r"Job '[^']*' succeeded", "SUCCEEDED"), (r"Job '[^']*' was stopped", "STOPPED"),
-                            (r"Job '[^']*' failed", "FAILED")):
+    for pattern, status in (
+        (r"Job '[^']*' succeeded", "SUCCEEDED"),
+        (r"Job '[^']*' was stopped", "STOPPED"),
+        (r"Job '[^']*' failed", "FAILED"),
+    ):
         if re.search(pattern, out):
             return status
     return "UNKNOWN"

@@ -45,6 +45,7 @@ from ray.autoscaler._private.resource_demand_scheduler import (  # noqa: E402
 from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402
 
 from procs import REPO, free_port  # noqa: E402
+
 CONFIGS = {"aws": REPO / "cluster" / "gpu.yaml", "gcp": REPO / "cluster" / "gcp-gpu.yaml"}
 INSTALL_KERNELS = REPO / "cluster" / "install_kernels.sh"
 SHARED_SDISTS = REPO.parent / "shared" / "device" / "sdist"
@@ -91,6 +92,7 @@ def worker_types(config: dict) -> dict:
 
 # --- static: Ray's validation, resources, pins --------------------------------------------------
 
+
 def test_config_passes_ray_prepare_and_validate(provider, config):
     types = config["available_node_types"]
     assert config["provider"]["type"] == provider
@@ -123,8 +125,12 @@ def test_every_node_type_holds_the_default_trial(config):
     for name, nt in worker_types(config).items():
         unfulfilled, _ = get_bin_pack_residual([dict(nt["resources"])], trial_bundles())
         assert unfulfilled == [], f"one {name} node cannot hold a default trial {trial_bundles()}"
-        per_node = int(min(nt["resources"]["GPU"] // (WORKER["GPU"] * WORKERS_PER_TRIAL),
-                           nt["resources"]["CPU"] // (TRIAL_DRIVER["CPU"] + WORKER["CPU"] * WORKERS_PER_TRIAL)))
+        per_node = int(
+            min(
+                nt["resources"]["GPU"] // (WORKER["GPU"] * WORKERS_PER_TRIAL),
+                nt["resources"]["CPU"] // (TRIAL_DRIVER["CPU"] + WORKER["CPU"] * WORKERS_PER_TRIAL),
+            )
+        )
         unfulfilled, _ = get_bin_pack_residual([dict(nt["resources"])], trial_bundles() * per_node)
         assert per_node >= 1 and unfulfilled == [], f"{name}: {per_node} trials per node do not pack"
     # The head runs trial drivers (and the sweep driver) but never a GPU worker.
@@ -137,19 +143,18 @@ def test_autoscaler_adds_a_gpu_node_for_trial_workers(config):
     """Ray's own node-type choice for pending trial workers: GPU types only, within max_workers."""
     types = config["available_node_types"]
     # As the autoscaler calls it (ResourceDemandScheduler.get_nodes_to_launch), with no launch failures.
-    scorer = functools.partial(_default_utilization_scorer,
-                               node_availability_summary=NodeAvailabilitySummary(node_availabilities={}))
+    scorer = functools.partial(
+        _default_utilization_scorer, node_availability_summary=NodeAvailabilitySummary(node_availabilities={})
+    )
     max_trials = sum(nt["max_workers"] * int(nt["resources"]["GPU"]) for nt in worker_types(config).values())
     for n_trials in (1, 4, min(max_trials, 16)):
         demand = [dict(WORKER) for _ in range(n_trials * WORKERS_PER_TRIAL)]
-        to_add, residual = get_nodes_for(types, {}, config["head_node_type"], config["max_workers"],
-                                         demand, scorer)
+        to_add, residual = get_nodes_for(types, {}, config["head_node_type"], config["max_workers"], demand, scorer)
         assert residual == [], f"{n_trials} trials' workers do not fit a fully scaled cluster: {residual}"
         assert set(to_add) <= set(worker_types(config)), to_add
         for name, count in to_add.items():
             assert count <= types[name]["max_workers"], (name, count)
-    to_add, _ = get_nodes_for(types, {}, config["head_node_type"], config["max_workers"],
-                              [dict(WORKER)], scorer)
+    to_add, _ = get_nodes_for(types, {}, config["head_node_type"], config["max_workers"], [dict(WORKER)], scorer)
     assert to_add == {"gpu_1x": 1}, f"one single-GPU worker should bring up one gpu_1x node, got {dict(to_add)}"
 
 
@@ -157,12 +162,14 @@ def test_image_and_pins_match_the_installed_ray_and_torch(raw_config):
     image = raw_config["docker"]["image"]
     assert re.fullmatch(rf"rayproject/ray:{re.escape(ray.__version__)}-py3\d+-cu\d+", image), (
         f"the image {image!r} must be rayproject/ray:<the local Ray {ray.__version__}>-pyXY-cuXYZ: "
-        "the `ray` CLI that runs `ray up` and the cluster must run the same Ray")
+        "the `ray` CLI that runs `ray up` and the cluster must run the same Ray"
+    )
     setup = "\n".join(raw_config["setup_commands"])
     assert f"ray[default,tune,train]=={ray.__version__}" in setup
     torch_pin = re.search(r"torch==([0-9.]+)", setup)
     assert torch_pin, "setup_commands must pin torch (an unpinned torch drifts to another CUDA build)"
     import torch
+
     assert torch_pin.group(1) == torch.__version__.split("+")[0], "cluster and tests pin different torch versions"
 
 
@@ -183,9 +190,14 @@ def test_token_auth_mlflow_and_kernels_are_wired(raw_config):
         if not local.startswith("~"):
             assert (REPO / local).exists(), f"file mount {remote}: {local} is not in the repository"
     assert any("cluster/install_kernels.sh" in c for c in raw_config["worker_setup_commands"])
-    for cmd in (raw_config["initialization_commands"] + raw_config["setup_commands"]
-                + raw_config["head_setup_commands"] + raw_config["worker_setup_commands"]
-                + raw_config["head_start_ray_commands"] + raw_config["worker_start_ray_commands"]):
+    for cmd in (
+        raw_config["initialization_commands"]
+        + raw_config["setup_commands"]
+        + raw_config["head_setup_commands"]
+        + raw_config["worker_setup_commands"]
+        + raw_config["head_start_ray_commands"]
+        + raw_config["worker_start_ray_commands"]
+    ):
         proc = subprocess.run(["bash", "-n", "-c", cmd], capture_output=True, text=True)
         assert proc.returncode == 0, f"not valid bash: {cmd}\n{proc.stderr}"
 
@@ -204,7 +216,8 @@ def test_head_starts_mlflow_once_and_refuses_the_placeholder_bucket(raw_config, 
     # Run it here with a stand-in `mlflow` on PATH, its directory in tmp_path, and a health URL on a
     # closed port (so an unrelated server on :5000 of this machine cannot answer).
     cmd = mlflow_cmd.replace("/home/ray/vmrnn-mlflow", str(tmp_path)).replace(
-        "127.0.0.1:5000/health", f"127.0.0.1:{free_port()}/health")
+        "127.0.0.1:5000/health", f"127.0.0.1:{free_port()}/health"
+    )
     shim = tmp_path / "bin" / "mlflow"
     shim.parent.mkdir()
     shim.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/argv\n')
@@ -235,10 +248,12 @@ def test_head_starts_mlflow_once_and_refuses_the_placeholder_bucket(raw_config, 
 
 # --- cluster/install_kernels.sh and vmrnn.ops.check_kernels (the parts a CPU can run) -----------
 
+
 def _install_kernels(*args, timeout=120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable}
-    return subprocess.run(["bash", str(INSTALL_KERNELS), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        ["bash", str(INSTALL_KERNELS), *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_install_kernels_rejects_bad_arguments():
@@ -248,6 +263,7 @@ def test_install_kernels_rejects_bad_arguments():
     bad = _install_kernels("--dry-run", "--arch", "sm89")
     assert bad.returncode != 0 and "--arch" in bad.stderr
     import torch
+
     if not torch.cuda.is_available():
         no_gpu = _install_kernels("--dry-run")
         assert no_gpu.returncode != 0 and "no CUDA GPU is visible" in no_gpu.stderr
@@ -274,10 +290,12 @@ def test_install_kernels_refuses_an_unknown_setup_py_layout(tmp_path):
 
 def test_check_kernels_exits_non_zero_without_a_gpu():
     import torch
+
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: this checks the CPU-machine behaviour")
-    proc = subprocess.run([sys.executable, "-m", "vmrnn.ops.check_kernels"], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vmrnn.ops.check_kernels"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert proc.returncode == 2, proc
     assert "no CUDA GPU" in proc.stderr
 
@@ -301,6 +319,7 @@ def test_check_kernels_comparisons_pass_equal_and_catch_unequal_implementations(
 
 # --- a fake multi-node Ray cluster with the config's node types ---------------------------------
 
+
 def fake_multinode_config(config: dict, gcs_address: str) -> tuple[dict, dict]:
     """(autoscaler config for Ray's fake_multinode provider, head resources) from the real config.
 
@@ -317,23 +336,37 @@ def fake_multinode_config(config: dict, gcs_address: str) -> tuple[dict, dict]:
         res = {k: v for k, v in nt["resources"].items() if k != "memory"}
         res["object_store_memory"] = 100 * 1024**2
         node_types[name] = {"resources": res, "node_config": {}, "min_workers": 0, "max_workers": 1}
-    head = {k: v for k, v in config["available_node_types"][config["head_node_type"]]["resources"].items()
-            if k != "memory"}
+    head = {
+        k: v for k, v in config["available_node_types"][config["head_node_type"]]["resources"].items() if k != "memory"
+    }
     node_types["ray.head.default"]["resources"] = dict(head)
     fake = {
         "cluster_name": "vmrnn-fake",
         "max_workers": len(node_types) - 1,
         "upscaling_speed": config["upscaling_speed"],
         "idle_timeout_minutes": config["idle_timeout_minutes"],
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                     "disable_launch_config_check": True, "gcs_address": gcs_address},
-        "auth": {}, "docker": {},
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "gcs_address": gcs_address,
+        },
+        "auth": {},
+        "docker": {},
         "available_node_types": node_types,
         "head_node_type": "ray.head.default",
-        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
-        "rsync_exclude": [], "rsync_filter": [],
-        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
-        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
     }
     return fake, head
 
@@ -469,17 +502,34 @@ def test_fake_multinode_cluster_runs_a_trial_worker_on_an_autoscaled_gpu_node(tm
     env.pop("RAY_ADDRESS", None)
     ray_cli = str(Path(sys.executable).with_name("ray"))
     head_cmd = [
-        ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-        f"--temp-dir={temp_dir}", f"--autoscaling-config={fake_path}",
-        f"--num-cpus={int(head_res['CPU'])}", f"--num-gpus={int(head_res['GPU'])}",
-        "--object-store-memory=104857600", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash_port}", f"--dashboard-agent-listen-port={agent_port}",
-        f"--ray-client-server-port={client_port}", "--disable-usage-stats",
+        ray_cli,
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs_port}",
+        f"--temp-dir={temp_dir}",
+        f"--autoscaling-config={fake_path}",
+        f"--num-cpus={int(head_res['CPU'])}",
+        f"--num-gpus={int(head_res['GPU'])}",
+        "--object-store-memory=104857600",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash_port}",
+        f"--dashboard-agent-listen-port={agent_port}",
+        f"--ray-client-server-port={client_port}",
+        "--disable-usage-stats",
     ]
     log = open(tmp_path / "head.log", "wb")
     head = subprocess.Popen(head_cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    driver_cfg = {"gcs_address": gcs_address, "dashboard": f"http://127.0.0.1:{dash_port}", "timeout_s": 90,
-                  "driver": TRIAL_DRIVER, "worker": WORKER, "workers": WORKERS_PER_TRIAL}
+    driver_cfg = {
+        "gcs_address": gcs_address,
+        "dashboard": f"http://127.0.0.1:{dash_port}",
+        "timeout_s": 90,
+        "driver": TRIAL_DRIVER,
+        "worker": WORKER,
+        "workers": WORKERS_PER_TRIAL,
+    }
     result, proc = None, None
     try:
         # Wait (bounded) for the job server: the GCS and the dashboard are both up then.
@@ -491,11 +541,17 @@ def test_fake_multinode_cluster_runs_a_trial_worker_on_an_autoscaled_gpu_node(tm
             except OSError:
                 time.sleep(0.5)
         assert head.poll() is None, f"ray start exited: {(tmp_path / 'head.log').read_text()[-3000:]}"
-        proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(driver_cfg)], env=env,
-                              capture_output=True, text=True, timeout=200, cwd=tmp_path)
+        proc = subprocess.run(
+            [sys.executable, "-c", DRIVER, json.dumps(driver_cfg)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=200,
+            cwd=tmp_path,
+        )
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         assert line, f"driver failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        result = json.loads(line[len("RESULT "):])
+        result = json.loads(line[len("RESULT ") :])
     finally:
         left = _stop_session(head)
         log.close()

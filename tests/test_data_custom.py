@@ -28,8 +28,14 @@ def test_uint8_and_float_samples(tmp_path):
     test = rng.random((4, 5, 3, 8, 9))  # float64 in [0, 1]
     make(tmp_path, train, test, meta={"in_frames": 2, "out_frames": 3, "preset": "taxibj-tiny"})
     spec = dataset_spec("custom", tmp_path)
-    assert (spec.in_frames, spec.out_frames, spec.channels, spec.height, spec.width, spec.preset) == \
-        (2, 3, 3, 8, 9, "taxibj-tiny")
+    assert (spec.in_frames, spec.out_frames, spec.channels, spec.height, spec.width, spec.preset) == (
+        2,
+        3,
+        3,
+        8,
+        9,
+        "taxibj-tiny",
+    )
     ds = build_dataset("custom", tmp_path, "test", prepared="never")
     x, y = ds[1]
     assert x.shape == (2, 3, 8, 9) and y.shape == (3, 3, 8, 9) and x.dtype == torch.float32
@@ -72,13 +78,16 @@ def test_missing_and_malformed(tmp_path):
         build_dataset("custom", tmp_path, "train")
 
 
-@pytest.mark.parametrize("meta, pattern", [
-    ({"in_frames": 2}, r"missing keys \['out_frames'\]"),
-    ({"in_frames": 2, "out_frames": 3, "outframes": 3}, "unknown keys"),
-    ({"in_frames": 0, "out_frames": 5}, "positive integer"),
-    ({"in_frames": "2", "out_frames": 3}, "positive integer"),
-    ([2, 3], "JSON object"),
-])
+@pytest.mark.parametrize(
+    "meta, pattern",
+    [
+        ({"in_frames": 2}, r"missing keys \['out_frames'\]"),
+        ({"in_frames": 2, "out_frames": 3, "outframes": 3}, "unknown keys"),
+        ({"in_frames": 0, "out_frames": 5}, "positive integer"),
+        ({"in_frames": "2", "out_frames": 3}, "positive integer"),
+        ([2, 3], "JSON object"),
+    ],
+)
 def test_bad_meta(tmp_path, meta, pattern):
     z = np.zeros((4, 5, 1, 8, 8), np.uint8)
     d = make(tmp_path, z, z)
@@ -91,13 +100,16 @@ def test_bad_meta(tmp_path, meta, pattern):
         build_dataset("custom", tmp_path, "train", prepared="never")
 
 
-@pytest.mark.parametrize("train, pattern", [
-    (np.zeros((4, 6, 1, 8, 8), np.uint8), r"expected \(N, 5, C, H, W\)"),
-    (np.zeros((4, 5, 8, 8), np.uint8), r"expected \(N, 5, C, H, W\)"),
-    (np.zeros((4, 5, 1, 8, 8), np.int16), "dtype int16"),
-    (np.zeros((0, 5, 1, 8, 8), np.uint8), "no sequences"),
-    (np.zeros((4, 5, 2, 8, 8), np.uint8), r"disagree on \(C, H, W\)"),
-])
+@pytest.mark.parametrize(
+    "train, pattern",
+    [
+        (np.zeros((4, 6, 1, 8, 8), np.uint8), r"expected \(N, 5, C, H, W\)"),
+        (np.zeros((4, 5, 8, 8), np.uint8), r"expected \(N, 5, C, H, W\)"),
+        (np.zeros((4, 5, 1, 8, 8), np.int16), "dtype int16"),
+        (np.zeros((0, 5, 1, 8, 8), np.uint8), "no sequences"),
+        (np.zeros((4, 5, 2, 8, 8), np.uint8), r"disagree on \(C, H, W\)"),
+    ],
+)
 def test_bad_arrays(tmp_path, train, pattern):
     make(tmp_path, train, np.zeros((2, 5, 1, 8, 8), np.uint8))
     with pytest.raises(DataFormatError, match=pattern):
@@ -131,5 +143,5 @@ def test_uint8_conversion_matches_both_official_paths():
     k = np.arange(256, dtype=np.uint8)
     ours = u8_to_float(k)
     assert ours.dtype == np.float32
-    assert np.array_equal(ours, (k / 255.0).astype(np.float32))                # float64 divide, then cast
-    assert np.array_equal(ours, k.astype(np.float32) / np.float32(255))         # float32 divide
+    assert np.array_equal(ours, (k / 255.0).astype(np.float32))  # float64 divide, then cast
+    assert np.array_equal(ours, k.astype(np.float32) / np.float32(255))  # float32 divide

@@ -40,12 +40,12 @@ def make_video(root, action, person, d, numbers, *, size=(128, 128), mode="L", v
 def crafted(tmp_path_factory):
     """Train persons 01-03, validation person 16, test person 17; gaps and a cross-video trap."""
     r = tmp_path_factory.mktemp("kth-crafted")
-    make_video(r, "boxing", 1, 1, range(1, 66))                                  # 65 frames
-    make_video(r, "jogging", 2, 1, [k for k in range(1, 46) if k != 10])        # 44 frames, frame 10 missing
-    make_video(r, "walking", 3, 1, range(1, 11))                                # 10 frames
-    make_video(r, "walking", 3, 2, range(11, 36))                               # 25 frames continuing 11..35
-    make_video(r, "handwaving", 16, 1, range(1, 32))                            # 31 frames
-    make_video(r, "running", 17, 1, range(1, 34))                               # 33 frames
+    make_video(r, "boxing", 1, 1, range(1, 66))  # 65 frames
+    make_video(r, "jogging", 2, 1, [k for k in range(1, 46) if k != 10])  # 44 frames, frame 10 missing
+    make_video(r, "walking", 3, 1, range(1, 11))  # 10 frames
+    make_video(r, "walking", 3, 2, range(11, 36))  # 25 frames continuing 11..35
+    make_video(r, "handwaving", 16, 1, range(1, 32))  # 31 frames
+    make_video(r, "running", 17, 1, range(1, 34))  # 33 frames
     return r
 
 
@@ -138,15 +138,15 @@ def test_missing_tree_names_path_and_source(tmp_path):
 def test_bad_images_raise_naming_the_file(tmp_path):
     vdir = make_video(tmp_path, "boxing", 1, 1, range(1, 31), size=(100, 100), value=9)
     with pytest.raises(DataFormatError, match=r"100x100.*160x120") as e:
-        build_dataset("kth", tmp_path, "train", prepared="never")   # first frames are checked up front
+        build_dataset("kth", tmp_path, "train", prepared="never")  # first frames are checked up front
     assert "image_0001.png" in str(e.value)
     for k in range(1, 31):
         Image.new("L", (160, 120) if k != 12 else (161, 120)).save(vdir / f"image_{k:04d}.png")
     ds = build_dataset("kth", tmp_path, "train", prepared="never")
     with pytest.raises(DataFormatError, match=r"image_0012.png: image is 161x120"):
-        ds[0]                                                          # the others when decoded
+        ds[0]  # the others when decoded
     with pytest.raises(DataFormatError, match=r"image_0012.png: image is 161x120"):
-        next(iter(DataLoader(ds, batch_size=1, num_workers=1)))      # also from a DataLoader worker
+        next(iter(DataLoader(ds, batch_size=1, num_workers=1)))  # also from a DataLoader worker
     Image.new("P", (160, 120)).save(vdir / "image_0001.png")
     with pytest.raises(DataFormatError, match=r"image_0001.png: image mode 'P'"):
         build_dataset("kth", tmp_path, "train", prepared="never")
@@ -167,7 +167,7 @@ def test_truncated_png_raises_naming_the_file(tmp_path):
 
 
 def test_tree_without_usable_window(tmp_path):
-    make_video(tmp_path, "boxing", 1, 1, range(1, 20))                      # too short
+    make_video(tmp_path, "boxing", 1, 1, range(1, 20))  # too short
     make_video(tmp_path, "running", 2, 1, [k for k in range(1, 40) if k % 15])  # gaps every 15 frames
     with pytest.raises(NoWindowsError, match="no usable window") as e:
         build_dataset("kth", tmp_path, "train", prepared="never")
@@ -176,12 +176,15 @@ def test_tree_without_usable_window(tmp_path):
         build_dataset("kth", tmp_path, "test", prepared="never")
 
 
-@pytest.mark.parametrize("bad, pattern", [
-    ("boxing/person01_boxing_d1_uncomp/frame_0001.png", "unexpected file"),
-    ("boxing/person1_boxing_d1/image_0001.png", "unexpected entry"),
-    ("boxing/person01_walking_d1_uncomp/image_0001.png", "inside the 'boxing' folder"),
-    ("boxing/person30_boxing_d1_uncomp/image_0001.png", "outside KTH's persons"),
-])
+@pytest.mark.parametrize(
+    "bad, pattern",
+    [
+        ("boxing/person01_boxing_d1_uncomp/frame_0001.png", "unexpected file"),
+        ("boxing/person1_boxing_d1/image_0001.png", "unexpected entry"),
+        ("boxing/person01_walking_d1_uncomp/image_0001.png", "inside the 'boxing' folder"),
+        ("boxing/person30_boxing_d1_uncomp/image_0001.png", "outside KTH's persons"),
+    ],
+)
 def test_malformed_tree(tmp_path, bad, pattern):
     make_video(tmp_path, "boxing", 2, 1, range(1, 31))
     p = tmp_path / "kth" / bad

@@ -39,11 +39,11 @@ def coded(tmp_path_factory):
 def test_trajectory_rule_by_hand():
     # x = 0.95 moving right (theta = 0): the first step (frame 0 included) overshoots, is clamped to 1 and flips
     rows, cols = bounce_trajectory(0.95, 0.5, 0.0, 5)
-    assert cols.tolist() == [36, 32, 28, 25, 21]   # int(36 * [1.0, 0.9, 0.8, 0.7, 0.6]) (0.7*36 = 25.2)
+    assert cols.tolist() == [36, 32, 28, 25, 21]  # int(36 * [1.0, 0.9, 0.8, 0.7, 0.6]) (0.7*36 = 25.2)
     assert rows.tolist() == [18] * 5
     # x = 0.05 moving left (theta = pi): clamped at 0, then moves right
     rows, cols = bounce_trajectory(0.05, 0.25, math.pi, 3)
-    assert cols.tolist() == [0, 3, 7]              # int(36 * [0, 0.1, 0.2])
+    assert cols.tolist() == [0, 3, 7]  # int(36 * [0, 0.1, 0.2])
     # diagonal bounce off the bottom: y = 0.97, theta = pi/2 (down in image rows)
     rows, cols = bounce_trajectory(0.5, 0.97, math.pi / 2, 3)
     assert rows.tolist() == [36, 32, 28] and cols.tolist() == [18, 18, 18]
@@ -61,7 +61,7 @@ def _expected_sequence(digits, seed_words, lo, hi):
         rows, cols = bounce_trajectory(x, y, theta, 20)
         for t in range(20):
             r, c = rows[t], cols[t]
-            out[t, r: r + 28, c: c + 28] = np.maximum(out[t, r: r + 28, c: c + 28], digits[k])
+            out[t, r : r + 28, c : c + 28] = np.maximum(out[t, r : r + 28, c : c + 28], digits[k])
     return out
 
 
@@ -83,8 +83,9 @@ def test_generation_is_a_pure_function_of_seed_epoch_index(coded):
     ds.set_epoch(0)
     assert torch.equal(ds[123][1], y)
     assert not torch.equal(build_dataset("mmnist", coded, "train", seed=8, prepared="never")[123][1], y)
-    assert torch.equal(build_dataset("mmnist", coded, "train", seed=7, epoch=1, prepared="never")[5][0],
-                       (ds.set_epoch(1), ds[5][0])[1])
+    assert torch.equal(
+        build_dataset("mmnist", coded, "train", seed=7, epoch=1, prepared="never")[5][0], (ds.set_epoch(1), ds[5][0])[1]
+    )
 
 
 def test_train_and_val_use_disjoint_digits(coded):
@@ -93,7 +94,7 @@ def test_train_and_val_use_disjoint_digits(coded):
     assert len(val) == 1000
     tv = set(np.unique(np.concatenate([torch.cat(train[i]).mul(255).round().numpy().ravel() for i in range(60)])))
     vv = set(np.unique(np.concatenate([torch.cat(val[i]).mul(255).round().numpy().ravel() for i in range(60)])))
-    assert max(tv) <= 180 and len(tv) > 20          # digits 0..179 (values 1..180)
+    assert max(tv) <= 180 and len(tv) > 20  # digits 0..179 (values 1..180)
     assert min(vv - {0}) >= 181 and max(vv) <= 200  # held-out digits 180..199
     # the val set is fixed: independent of the epoch
     v0 = val[3][0]
@@ -133,7 +134,7 @@ def test_synthetic_files_are_in_the_published_format(tmp_path):
     assert seq.dtype == np.uint8 and seq.shape[0] == 20 and seq.shape[2:] == (64, 64)
     assert DATASETS["mmnist"].in_frames == 10 and DATASETS["mmnist"].preset == "mmnist"
     x, y = build_dataset("mmnist", tmp_path, "train", prepared="never")[0]
-    assert float(x.max()) > 0.5   # digits are visible
+    assert float(x.max()) > 0.5  # digits are visible
 
 
 def test_missing_files_name_path_and_source(tmp_path):
@@ -155,12 +156,15 @@ def _tree(tmp_path):
     return d
 
 
-@pytest.mark.parametrize("kw, pattern", [
-    ({"magic": 2049}, "magic number 2049"),
-    ({"dims": (32, 32)}, "32x32"),
-    ({"extra": b"xx"}, "trailing bytes"),
-    ({"cut": 30}, "corrupt or truncated"),
-])
+@pytest.mark.parametrize(
+    "kw, pattern",
+    [
+        ({"magic": 2049}, "magic number 2049"),
+        ({"dims": (32, 32)}, "32x32"),
+        ({"extra": b"xx"}, "trailing bytes"),
+        ({"cut": 30}, "corrupt or truncated"),
+    ],
+)
 def test_bad_idx_file(tmp_path, kw, pattern):
     d = _tree(tmp_path)
     write_idx(d / "train-images-idx3-ubyte.gz", np.zeros((10, 28, 28), np.uint8), **kw)
@@ -177,11 +181,14 @@ def test_idx_header_count_larger_than_data(tmp_path):
         build_dataset("mmnist", tmp_path, "train", prepared="never")
 
 
-@pytest.mark.parametrize("arr, pattern", [
-    (np.zeros((19, 2, 64, 64), np.uint8), r"shape \(19, 2, 64, 64\)"),
-    (np.zeros((20, 2, 64, 64), np.float32), "dtype float32"),
-    (np.zeros((2, 20, 64, 64), np.uint8), "expected .20, N, 64, 64"),
-])
+@pytest.mark.parametrize(
+    "arr, pattern",
+    [
+        (np.zeros((19, 2, 64, 64), np.uint8), r"shape \(19, 2, 64, 64\)"),
+        (np.zeros((20, 2, 64, 64), np.float32), "dtype float32"),
+        (np.zeros((2, 20, 64, 64), np.uint8), "expected .20, N, 64, 64"),
+    ],
+)
 def test_bad_test_file(tmp_path, arr, pattern):
     d = _tree(tmp_path)
     np.save(d / "mnist_test_seq.npy", arr)

@@ -201,12 +201,14 @@ def test_float_custom_data_is_stored_as_float32_bit_exact(tmp_path):
     d.mkdir()
     (d / "meta.json").write_text('{"in_frames": 2, "out_frames": 1}')
     rng = np.random.default_rng(1)
-    np.save(d / "train.npy", rng.random((6, 3, 2, 8, 8)))             # float64
+    np.save(d / "train.npy", rng.random((6, 3, 2, 8, 8)))  # float64
     np.save(d / "test.npy", rng.random((2, 3, 2, 8, 8)).astype(np.float16))
     prepare_dataset("custom", tmp_path)
     for split in ("train", "val", "test"):
-        _same(build_dataset("custom", tmp_path, split, prepared="never"),
-              build_dataset("custom", tmp_path, split, prepared="require"))
+        _same(
+            build_dataset("custom", tmp_path, split, prepared="never"),
+            build_dataset("custom", tmp_path, split, prepared="require"),
+        )
 
 
 def test_prepare_rejects_bad_sources(tmp_path):

@@ -84,17 +84,28 @@ def write_dots(folder, seed, size):
         for i in range(n):
             y, x, v = rng.integers(2, SIDE - 2), rng.integers(0, SIDE), rng.choice([-1, 1])
             for t in range(IN + OUT):
-                seq[i, t, 0, y - 1: y + 2, (x + v * t) % SIDE] = 255
+                seq[i, t, 0, y - 1 : y + 2, (x + v * t) % SIDE] = 255
         np.save(folder / f"{part}.npy", seq)
 
 
 DOTS = DatasetSpec(
-    name="dots", family="dots", folder="dots", source=DotsSource, build=build_dots,
+    name="dots",
+    family="dots",
+    folder="dots",
+    source=DotsSource,
+    build=build_dots,
     looks_like=lambda d: (d / "train.npy").exists(),
     origin="dots are made up by tests/test_data_registry.py; expected at {expected}",
-    synth=write_dots, recipe=Recipe(epochs=1, batch_size=4, lr=2e-3),
-    preset="kth", smoke_preset="kth-tiny", fit_model=True,
-    in_frames=IN, out_frames=OUT, channels=1, height=SIDE, width=SIDE,
+    synth=write_dots,
+    recipe=Recipe(epochs=1, batch_size=4, lr=2e-3),
+    preset="kth",
+    smoke_preset="kth-tiny",
+    fit_model=True,
+    in_frames=IN,
+    out_frames=OUT,
+    channels=1,
+    height=SIDE,
+    width=SIDE,
 )
 
 
@@ -106,6 +117,7 @@ def dots():
 
 
 # ------------------------------------------------------------------------ the registry itself
+
 
 def test_built_in_datasets_and_lookups():
     assert dataset_names()[:5] == ("taxibj", "kth", "kth40", "mmnist", "custom")
@@ -175,6 +187,7 @@ def test_no_import_cycle_inside_vmrnn_data():
 
 # ------------------------------------------------------------------------ lists derived from the registry
 
+
 def test_a_registered_dataset_is_in_every_choice_list(dots):
     parser = build_parser()
     assert parser.parse_args(["train", "--dataset", "dots", "--data-dir", "d"]).dataset == "dots"
@@ -219,9 +232,13 @@ def test_bench_shapes_come_from_the_registry():
 
 # ------------------------------------------------------------------------ the added dataset end to end
 
+
 def test_added_dataset_reads_prepares_and_trains_one_epoch(dots, tmp_path, capsys):
-    with pytest.raises(DatasetNotFoundError, match=r"dots data not found.*made up by tests.*vmrnn data synth "
-                                                  r"--dataset dots"):
+    with pytest.raises(
+        DatasetNotFoundError,
+        match=r"dots data not found.*made up by tests.*vmrnn data synth "
+        r"--dataset dots",
+    ):
         build_dataset("dots", tmp_path, "train")
     assert cli_main(["data", "synth", "--dataset", "dots", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "dots" / "SYNTHETIC.txt").is_file()
@@ -235,8 +252,17 @@ def test_added_dataset_reads_prepares_and_trains_one_epoch(dots, tmp_path, capsy
     assert "frames 3 -> 3, 1x16x16, model preset 'kth'" in capsys.readouterr().out
     assert dataset_spec("dots", tmp_path) is dots
 
-    cfg = TrainConfig.from_dict({"dataset": "dots", "data_dir": str(tmp_path), "preset": "kth-tiny",
-                                 "device": "cpu", "tracking": False, "warmup_epochs": 0, "seed": 3}).resolved()
+    cfg = TrainConfig.from_dict(
+        {
+            "dataset": "dots",
+            "data_dir": str(tmp_path),
+            "preset": "kth-tiny",
+            "device": "cpu",
+            "tracking": False,
+            "warmup_epochs": 0,
+            "seed": 3,
+        }
+    ).resolved()
     assert (cfg.epochs, cfg.batch_size, cfg.val_batch_size, cfg.lr) == (1, 4, 4, 2e-3)  # the spec's recipe
     assert (cfg.model["img_size"], cfg.model["in_chans"]) == (16, 1)  # fit_model: sized to the frames
     torch.manual_seed(0)

@@ -55,9 +55,9 @@ def test_taxibj_dynamics_are_learnable(root):
     ds = build_dataset("taxibj", root, "train", val_fraction=0, prepared="never")
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     y = torch.stack([ds[i][1] for i in range(len(ds))])
-    persistence = (y - x[:, -1:]).square().mean()        # predict "the last input frame"
+    persistence = (y - x[:, -1:]).square().mean()  # predict "the last input frame"
     shuffled = (y - x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0)), -1:]).square().mean()
-    assert persistence < 0.5 * shuffled                   # frames follow from their past
+    assert persistence < 0.5 * shuffled  # frames follow from their past
 
 
 def test_kth_frames_move(root):

@@ -40,8 +40,14 @@ def test_samples_are_the_published_arrays_mapped_to_unit_range(root):
         assert torch.equal(y, torch.from_numpy(((a["Y_test"][i] + 1) / 2).astype(np.float32)))
         assert 0.0 <= float(x.min()) and float(y.max()) <= 1.0
     spec = DATASETS["taxibj"]
-    assert (spec.in_frames, spec.out_frames, spec.channels, spec.height, spec.width, spec.preset) == \
-        (4, 4, 2, 32, 32, "taxibj")
+    assert (spec.in_frames, spec.out_frames, spec.channels, spec.height, spec.width, spec.preset) == (
+        4,
+        4,
+        2,
+        32,
+        32,
+        "taxibj",
+    )
 
 
 def test_data_dir_may_be_the_dataset_folder(root):
@@ -56,8 +62,8 @@ def test_validation_is_a_seeded_contiguous_block_with_guard(root):
     val = build_dataset("taxibj", root, "val", prepared="never", seed=5)
     vi, ti = val.indices, train.indices
     assert len(vi) == round(0.1 * n)
-    assert np.array_equal(vi, np.arange(vi[0], vi[0] + len(vi)))          # contiguous
-    assert set(ti).isdisjoint(range(vi[0] - 7, vi[-1] + 8))                 # guard of 7 on both sides
+    assert np.array_equal(vi, np.arange(vi[0], vi[0] + len(vi)))  # contiguous
+    assert set(ti).isdisjoint(range(vi[0] - 7, vi[-1] + 8))  # guard of 7 on both sides
     assert len(ti) + len(vi) + len(set(range(vi[0] - 7, vi[-1] + 8)) & set(range(n)) - set(vi)) == n
     # deterministic per seed; samples are the right rows
     again = build_dataset("taxibj", root, "val", prepared="never", seed=5)
@@ -113,15 +119,18 @@ def _good(n=3):
     return {k: rng.uniform(-1, 1, (n, 4, 2, 32, 32)).astype(np.float64) for k in keys}
 
 
-@pytest.mark.parametrize("mutate, pattern", [
-    (lambda a: a.pop("Y_test"), "missing key"),
-    (lambda a: a.__setitem__("X_test", a["X_test"][:, :3]), r"shape \(3, 3, 2, 32, 32\)"),
-    (lambda a: a.__setitem__("X_test", (a["X_test"] * 100).astype(np.int32)), "dtype int32"),
-    (lambda a: a.__setitem__("Y_test", a["Y_test"][:2]), "has 3 samples but Y_test has 2"),
-    (lambda a: a.__setitem__("X_test", a["X_test"] * 300), "normalised"),
-    (lambda a: a["Y_test"].__setitem__((1, 2, 0, 5, 5), np.nan), "NaN"),
-    (lambda a: a.__setitem__("X_test", a["X_test"][:0]), "empty"),
-])
+@pytest.mark.parametrize(
+    "mutate, pattern",
+    [
+        (lambda a: a.pop("Y_test"), "missing key"),
+        (lambda a: a.__setitem__("X_test", a["X_test"][:, :3]), r"shape \(3, 3, 2, 32, 32\)"),
+        (lambda a: a.__setitem__("X_test", (a["X_test"] * 100).astype(np.int32)), "dtype int32"),
+        (lambda a: a.__setitem__("Y_test", a["Y_test"][:2]), "has 3 samples but Y_test has 2"),
+        (lambda a: a.__setitem__("X_test", a["X_test"] * 300), "normalised"),
+        (lambda a: a["Y_test"].__setitem__((1, 2, 0, 5, 5), np.nan), "NaN"),
+        (lambda a: a.__setitem__("X_test", a["X_test"][:0]), "empty"),
+    ],
+)
 def test_bad_arrays_raise_naming_the_file(tmp_path, mutate, pattern):
     arrays = _good()
     mutate(arrays)
@@ -145,7 +154,7 @@ def test_corrupt_and_truncated_npz(tmp_path):
     np.savez_compressed(path, **_good(4))
     data = bytearray(path.read_bytes())
     mid = len(data) // 3
-    data[mid: mid + 64] = bytes(64)
+    data[mid : mid + 64] = bytes(64)
     path.write_bytes(bytes(data))
     with pytest.raises(DataFormatError, match=str(path)):
         build_dataset("taxibj", tmp_path, "train", prepared="never")

@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 
 from vmrnn.cli import main
-from vmrnn.data import build_dataset, write_synthetic
-from vmrnn.data import DATASETS, download_names, get_dataset
+from vmrnn.data import DATASETS, build_dataset, download_names, get_dataset, write_synthetic
 from vmrnn.data.download import MIRROR_ENV, RECORD, Checksum, DownloadError, download_dataset
 from vmrnn.data.errors import DataError, DatasetNotFoundError
 from vmrnn.data.locks import file_lock
@@ -30,6 +29,7 @@ MNIST_FILES = ("train-images-idx3-ubyte.gz", "mnist_test_seq.npy")
 
 
 # ------------------------------------------------------------------------------------------- the server
+
 
 class FileServer(ThreadingHTTPServer):
     """Serves `files` by name. Range requests (bytes=N-) get 206, guarded by If-Range on the ETag.
@@ -117,6 +117,7 @@ def no_mirror_env(monkeypatch):
 
 # ------------------------------------------------------------------------------------------- fixtures
 
+
 def _zip_tree(src: Path, dest: Path, prefix: str = "", junk: bool = False) -> bytes:
     """Zip `src`'s content (not the synthetic marker) under `prefix`, as the published archives are."""
     with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -172,11 +173,13 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
 
 # ----------------------------------------------------------------------------------------------- tests
 
+
 def test_table_names_the_published_sources():
     assert download_names() == ("taxibj", "kth", "mmnist")
     urls = {sf.name: sf.urls for name in download_names() for sf in get_dataset(name).downloads}
-    assert urls["taxibj_dataset.zip"] == ("https://github.com/chengtan9907/OpenSTL/releases/download/v0.1.0/"
-                                          "taxibj_dataset.zip",)
+    assert urls["taxibj_dataset.zip"] == (
+        "https://github.com/chengtan9907/OpenSTL/releases/download/v0.1.0/taxibj_dataset.zip",
+    )
     assert urls["kth_action.zip"][0].endswith("/v0.1.0/kth_action.zip")
     assert urls["mnist_test_seq.npy"] == ("http://www.cs.toronto.edu/~nitish/unsupervised_video/mnist_test_seq.npy",)
     train = get_dataset("mmnist").downloads[0].checksum
@@ -187,8 +190,22 @@ def test_cli_downloads_taxibj_that_the_loaders_read(tmp_path, server, published,
     files, src = published
     server.files.update(files)
     root = tmp_path / "data"
-    assert main(["data", "download", "--dataset", "taxibj", "--data-dir", str(root), "--mirror", server.url,
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "download",
+                "--dataset",
+                "taxibj",
+                "--data-dir",
+                str(root),
+                "--mirror",
+                server.url,
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"taxibj is in {root / 'taxibj'}" in out and "source data at" in out
     assert re.search(r"train +\d+ samples", out) and re.search(r"test +\d+ samples", out)
@@ -200,8 +217,22 @@ def test_cli_downloads_taxibj_that_the_loaders_read(tmp_path, server, published,
         _same_samples("taxibj", root, src, split)
     # a second run finds it in place and downloads nothing
     n = len(server.log)
-    assert main(["data", "download", "--dataset", "taxibj", "--data-dir", str(root), "--mirror", server.url,
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "download",
+                "--dataset",
+                "taxibj",
+                "--data-dir",
+                str(root),
+                "--mirror",
+                server.url,
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "already there" in capsys.readouterr().out and len(server.log) == n
 
 
@@ -304,8 +335,10 @@ def test_checksum_mismatch_is_refused_and_kept_aside(tmp_path, server, published
 
 def test_404_is_one_line_naming_the_url(tmp_path, server, capsys):
     root = tmp_path / "data"
-    assert main(["data", "download", "--dataset", "kth", "--data-dir", str(root), "--mirror", server.url,
-                 "--no-progress"]) == 2
+    assert (
+        main(["data", "download", "--dataset", "kth", "--data-dir", str(root), "--mirror", server.url, "--no-progress"])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("vmrnn data: error: cannot download kth_action.zip")
     assert f"{server.url}kth_action.zip: HTTP 404" in err and "--mirror" in err
@@ -362,8 +395,10 @@ def test_not_enough_disk_space_is_refused_before_writing(tmp_path, server, publi
         download_dataset("kth", root, mirror=server.url, progress=False)
     msg = _one_line(exc)
     assert msg.startswith(f"not enough disk space for {server.url}kth_action.zip") and "--data-dir" in msg
-    assert not (root / ".downloads" / "kth_action.zip.partial").exists() or \
-        (root / ".downloads" / "kth_action.zip.partial").stat().st_size == 0
+    assert (
+        not (root / ".downloads" / "kth_action.zip.partial").exists()
+        or (root / ".downloads" / "kth_action.zip.partial").stat().st_size == 0
+    )
 
 
 def test_refusals(tmp_path, server, published):
@@ -400,8 +435,11 @@ def test_published_urls_are_tried_in_order(tmp_path, server, published, monkeypa
     spec = get_dataset("mmnist")
     (train, test) = spec.downloads
     moved = (f"{server.url}gone/{train.name}", f"{server.url}{train.name}")  # the first one answers 404
-    monkeypatch.setitem(DATASETS, "mmnist", replace(spec, downloads=(replace(train, urls=moved),
-                                                                     replace(test, urls=(server.url + test.name,)))))
+    monkeypatch.setitem(
+        DATASETS,
+        "mmnist",
+        replace(spec, downloads=(replace(train, urls=moved), replace(test, urls=(server.url + test.name,)))),
+    )
     lines: list[str] = []
     download_dataset("mmnist", tmp_path, checksums=_digests(files), progress=False, log=lines.append)
     assert any(line.startswith(f"{moved[0]}: HTTP 404") and "trying the next source" in line for line in lines)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train_helpers import tiny_cfg, write_taxibj
 
+from test_train_helpers import tiny_cfg, write_taxibj
 from vmrnn.bench import BASELINES, add_ratios, format_row, resolve_modes, validate_request
 from vmrnn.cli import main as cli_main
 from vmrnn.tracking.tags import TAG_EXECUTION as EXECUTION_TAG
@@ -49,13 +49,17 @@ def test_bench_measures_both_baselines_first_unless_left_out():
 
 
 def test_bench_ratios_against_each_measured_baseline():
-    entries = {"reference": {"train_ms": 80.0, "train_peak_gib": 4.0, "infer_ms": 40.0, "infer_peak_gib": 1.0},
-               "bf16-graphs": {"train_ms": 20.0, "train_peak_gib": 2.0, "infer_ms": 10.0, "infer_peak_gib": 1.0},
-               "fast": {"train_ms": 10.0, "train_peak_gib": 1.0, "train_samples_s": 1.0},
-               "fast-ckpt": {"error": "out of memory"}}
+    entries = {
+        "reference": {"train_ms": 80.0, "train_peak_gib": 4.0, "infer_ms": 40.0, "infer_peak_gib": 1.0},
+        "bf16-graphs": {"train_ms": 20.0, "train_peak_gib": 2.0, "infer_ms": 10.0, "infer_peak_gib": 1.0},
+        "fast": {"train_ms": 10.0, "train_peak_gib": 1.0, "train_samples_s": 1.0},
+        "fast-ckpt": {"error": "out of memory"},
+    }
     add_ratios(entries)
-    assert entries["fast"]["vs"] == {"reference": {"train_speedup": 8.0, "train_mem_ratio": 4.0},
-                                     "bf16-graphs": {"train_speedup": 2.0, "train_mem_ratio": 2.0}}
+    assert entries["fast"]["vs"] == {
+        "reference": {"train_speedup": 8.0, "train_mem_ratio": 4.0},
+        "bf16-graphs": {"train_speedup": 2.0, "train_mem_ratio": 2.0},
+    }
     assert entries["reference"]["vs"]["bf16-graphs"]["infer_speedup"] == 0.25
     assert "vs" not in entries["fast-ckpt"]
     row = format_row("taxibj", "fast", entries["fast"])
@@ -92,8 +96,9 @@ def test_resolution_per_device(name):
 
 
 def test_overrides_change_single_fields_and_the_device_still_decides():
-    assert resolve_execution("fast", {"precision": "fp32", "compile": None}, device_type="cuda") == \
-        MODES["fast"].replace(precision="fp32")
+    assert resolve_execution("fast", {"precision": "fp32", "compile": None}, device_type="cuda") == MODES[
+        "fast"
+    ].replace(precision="fp32")
     assert resolve_execution("reference", {"scan_backend": "cuda"}, device_type="cuda").scan_backend == "cuda"
     assert resolve_execution("reference", {"scan_backend": "cuda"}, device_type="cpu").scan_backend == "auto"
     assert resolve_execution("fast", {"scan_backend": "torch"}, device_type="cpu").scan_backend == "torch"
@@ -104,15 +109,18 @@ def test_overrides_change_single_fields_and_the_device_still_decides():
         resolve_execution("manual", device_type="cuda")
 
 
-@pytest.mark.parametrize("bad, option", [
-    ({"execution": "manual"}, "execution"),
-    ({"execution": "reference", "scan_backend": "triton"}, "scan_backend"),
-    ({"execution": "fast", "fused": False, "scan_backend": "triton"}, "scan_backend"),
-    ({"scan_backend": "tpu"}, "scan_backend"),
-    ({"precision": "fp16"}, "precision"),
-    ({"fused": "maybe"}, "fused"),
-    ({"cuda_graphs": 3}, "cuda_graphs"),
-])
+@pytest.mark.parametrize(
+    "bad, option",
+    [
+        ({"execution": "manual"}, "execution"),
+        ({"execution": "reference", "scan_backend": "triton"}, "scan_backend"),
+        ({"execution": "fast", "fused": False, "scan_backend": "triton"}, "scan_backend"),
+        ({"scan_backend": "tpu"}, "scan_backend"),
+        ({"precision": "fp16"}, "precision"),
+        ({"fused": "maybe"}, "fused"),
+        ({"cuda_graphs": 3}, "cuda_graphs"),
+    ],
+)
 def test_bad_modes_and_overrides_are_one_line_errors_naming_the_option(bad, option):
     with pytest.raises(TrainConfigError, match=f"'{option}'") as ei:
         TrainConfig.from_dict({**BASE, **bad})
@@ -129,8 +137,14 @@ def test_overrides_default_to_the_mode_and_none_round_trips():
 def test_effective_config_fills_every_override_and_the_tag():
     cfg = TrainConfig.from_dict({**BASE, "checkpoint_steps": True, "tags": {"team": "a"}})
     gpu = cfg.with_effective_execution("cuda")
-    assert (gpu.precision, gpu.fused, gpu.cuda_graphs, gpu.compile, gpu.checkpoint_steps, gpu.scan_backend) == \
-        ("bf16", True, True, False, True, "auto")
+    assert (gpu.precision, gpu.fused, gpu.cuda_graphs, gpu.compile, gpu.checkpoint_steps, gpu.scan_backend) == (
+        "bf16",
+        True,
+        True,
+        False,
+        True,
+        "auto",
+    )
     assert gpu.tags == {"team": "a", EXECUTION_TAG: "bf16+fused+graphs+ckpt", "vmrnn.world_size": "1"}
     assert gpu.execution == "fast"
     assert gpu.with_effective_execution("cuda") == gpu  # idempotent
@@ -146,10 +160,14 @@ def test_resolution_line():
     assert resolution_line("fast", device="cuda:0") == "fast -> bf16+fused+graphs on cuda:0"
     assert resolution_line("fast", device="cpu") == "fast -> fp32 on cpu (GPU-only parts off)"
     assert resolution_line("reference", device="cpu") == "reference -> fp32 on cpu"
-    assert resolution_line("reference", {"precision": "bf16"}, device="cpu") == \
-        "reference -> fp32 on cpu (GPU-only parts off)"
-    assert resolution_line("fast", device="cuda:1", world_size=2) == \
-        "fast -> bf16+fused+graphs on cuda:1, data-parallel over 2 workers (one gradient all-reduce in the step)"
+    assert (
+        resolution_line("reference", {"precision": "bf16"}, device="cpu")
+        == "reference -> fp32 on cpu (GPU-only parts off)"
+    )
+    assert (
+        resolution_line("fast", device="cuda:1", world_size=2)
+        == "fast -> bf16+fused+graphs on cuda:1, data-parallel over 2 workers (one gradient all-reduce in the step)"
+    )
 
 
 def test_mlflow_records_the_execution_that_ran(tmp_path, capsys):
@@ -159,16 +177,32 @@ def test_mlflow_records_the_execution_that_ran(tmp_path, capsys):
     torch.set_num_threads(1)
     root = write_taxibj(tmp_path / "data")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = tiny_cfg(root, epochs=1, max_train_batches=1, max_val_batches=1, test_at_end=False, tracking=True,
-                   tracking_uri=uri, experiment="t-exec", log_model=False, log_images=False,
-                   checkpoint_steps=True)
+    cfg = tiny_cfg(
+        root,
+        epochs=1,
+        max_train_batches=1,
+        max_val_batches=1,
+        test_at_end=False,
+        tracking=True,
+        tracking_uri=uri,
+        experiment="t-exec",
+        log_model=False,
+        log_images=False,
+        checkpoint_steps=True,
+    )
     assert cfg.execution == "fast" and cfg.precision is None
     res = train(cfg)
     assert "execution: fast -> fp32+ckpt on cpu (GPU-only parts off)" in capsys.readouterr().out.splitlines()
     run = mlflow.tracking.MlflowClient(uri).get_run(res.run_id)
     p = run.data.params
     assert {k: p[k] for k in ("execution", *OVERRIDES)} == {
-        "execution": "fast", "precision": "fp32", "fused": "False", "cuda_graphs": "False", "compile": "False",
-        "checkpoint_steps": "True", "scan_backend": "auto"}
+        "execution": "fast",
+        "precision": "fp32",
+        "fused": "False",
+        "cuda_graphs": "False",
+        "compile": "False",
+        "checkpoint_steps": "True",
+        "scan_backend": "auto",
+    }
     assert run.data.tags[EXECUTION_TAG] == "fp32+ckpt"
     assert res.config.execution_config("cpu") == ExecutionConfig(checkpoint_steps=True)  # the checkpoints' config

@@ -46,8 +46,18 @@ def make_inputs(seed, b, h, w, d, n, extra=3, dtype=torch.float32, device="cpu")
 def run_scan(fn, tensors, h, w, n, extra=3, softplus=True, with_d=True, with_bias=True):
     x = [t.detach().clone().requires_grad_(True) for t in tensors]
     u, delta, A, xdbl, Ds, bias = x
-    y = fn(u, delta, A, xdbl[..., extra:extra + n], xdbl[..., extra + n:], Ds if with_d else None,
-           bias if with_bias else None, h, w, softplus)
+    y = fn(
+        u,
+        delta,
+        A,
+        xdbl[..., extra : extra + n],
+        xdbl[..., extra + n :],
+        Ds if with_d else None,
+        bias if with_bias else None,
+        h,
+        w,
+        softplus,
+    )
     go = torch.sin(torch.arange(y.numel(), device=y.device, dtype=torch.float32)).reshape(y.shape).to(y.dtype)
     (y * go).sum().backward()
     return y.detach(), [t.grad for t in x]
@@ -71,7 +81,7 @@ def test_torch_fused_scan_merges_like_cross_merge(h, w):
     """Summing the fused scan's four spatial outputs equals cross_merge of the reference scan."""
     b, d, n = 2, 6, 4
     u, delta, A, xdbl, Ds, bias = make_inputs(0, b, h, w, d, n, dtype=torch.float64)
-    Bs, Cs = xdbl[..., 3:3 + n], xdbl[..., 3 + n:]
+    Bs, Cs = xdbl[..., 3 : 3 + n], xdbl[..., 3 + n :]
     y_ref = reference_dataflow(u, delta, A.double(), Bs, Cs, Ds, bias, h, w, True)
     merged_ref = cross_merge(y_ref, h, w)  # (B, D, L)
     y = fs.ss2d_scan_ref(u, delta, A.double(), Bs, Cs, Ds, bias, h, w, True)
@@ -110,7 +120,10 @@ needs_triton_cpu = pytest.mark.skipif(not fs.HAS_TRITON, reason="triton is not i
 
 
 CASES = [  # (b, h, w, d, n): partial channel blocks, several checkpoint chunks, a tail chunk, n = 1
-    (2, 3, 5, 6, 4), (1, 4, 4, 40, 16), (1, 9, 9, 8, 4), (2, 1, 3, 3, 1),
+    (2, 3, 5, 6, 4),
+    (1, 4, 4, 40, 16),
+    (1, 9, 9, 8, 4),
+    (2, 1, 3, 3, 1),
 ]
 
 
@@ -137,7 +150,13 @@ def _interpreter_checks() -> None:
         assert all(v == "SUCCESS" for v in res.values()), res
         y, hc = torch.ops.vmrnn.ss2d_scan_fwd(*args)
         bargs = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in args[:7]) + (
-            hc.detach(), torch.randn_like(y), h, w, True, plan)
+            hc.detach(),
+            torch.randn_like(y),
+            h,
+            w,
+            True,
+            plan,
+        )
         res = torch.library.opcheck(torch.ops.vmrnn.ss2d_scan_bwd.default, bargs)
         assert all(v == "SUCCESS" for v in res.values()), res
     print("ok opcheck", flush=True)
@@ -145,8 +164,13 @@ def _interpreter_checks() -> None:
 
 @needs_triton_cpu
 def test_triton_kernels_match_torch_on_cpu_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        PYTHONPATH=os.pathsep.join(
+            [str(Path(__file__).resolve().parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+        ),
+    )
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("ok") == 3 * len(CASES) + 2
@@ -154,8 +178,7 @@ def test_triton_kernels_match_torch_on_cpu_interpreter():
 
 def _check_kernel(b, h, w, d, n, variant, device, tol=2e-5):
     t = make_inputs(hash((b, h, w, d, n)) % 1000, b, h, w, d, n, device=device)
-    kw = dict(softplus=variant != "no_softplus", with_d=variant != "no_d_no_bias",
-              with_bias=variant != "no_d_no_bias")
+    kw = dict(softplus=variant != "no_softplus", with_d=variant != "no_d_no_bias", with_bias=variant != "no_d_no_bias")
     if variant == "no_softplus":  # delta + bias must stay positive for a decaying state
         t[1], t[5] = t[1].abs() * 0.2, t[5].abs() * 0.1
     y0, g0 = run_scan(fs.ss2d_scan_ref, t, h, w, n, **kw)
@@ -170,8 +193,9 @@ def _check_kernel(b, h, w, d, n, variant, device, tol=2e-5):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not (CUDA and fs.HAS_TRITON), reason="needs a GPU and triton")
-@pytest.mark.parametrize("b,h,w,d,n", [(2, 3, 5, 6, 4), (1, 4, 4, 40, 16), (4, 8, 8, 256, 16), (2, 32, 32, 64, 16),
-                                       (1, 64, 64, 32, 16)])
+@pytest.mark.parametrize(
+    "b,h,w,d,n", [(2, 3, 5, 6, 4), (1, 4, 4, 40, 16), (4, 8, 8, 256, 16), (2, 32, 32, 64, 16), (1, 64, 64, 32, 16)]
+)
 @pytest.mark.parametrize("variant", ["full", "no_d_no_bias"])
 def test_triton_kernel_matches_torch_on_gpu(b, h, w, d, n, variant):
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -190,6 +214,7 @@ def test_triton_kernel_bf16_inputs_fp32_state():
 
 
 # --- SS2D: fused layout against the reference ------------------------------------------------------
+
 
 def _ss2d_pair(backend, dim=16, d_state=4, h=5, w=6, b=2, device="cpu", seed=0):
     torch.manual_seed(seed)

@@ -29,8 +29,9 @@ MODULES = _modules()
 
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
-        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _import_nodes(tree: ast.AST, module_level_only: bool = False):
@@ -182,8 +183,9 @@ def _top_level_names(module: str) -> set[str]:
             names.update((a.asname or a.name).split(".")[0] for a in node.names)
         elif isinstance(node, (ast.If, ast.Try)):  # e.g. a fallback definition
             names.update(n.name for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.ClassDef)))
-            names.update(t.id for n in ast.walk(node) if isinstance(n, ast.Assign)
-                         for t in n.targets if isinstance(t, ast.Name))  # e.g. HAS_X = True / False
+            names.update(
+                t.id for n in ast.walk(node) if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)
+            )  # e.g. HAS_X = True / False
     return names
 
 
@@ -200,11 +202,15 @@ def test_every_vmrnn_import_names_something_that_exists():
                 missing = [node.module]
             else:
                 defined = _top_level_names(node.module)
-                missing = [f"{node.module}.{a.name}" for a in node.names if a.name != "*"
-                           and f"{node.module}.{a.name}" not in MODULES and a.name not in defined]
+                missing = [
+                    f"{node.module}.{a.name}"
+                    for a in node.names
+                    if a.name != "*" and f"{node.module}.{a.name}" not in MODULES and a.name not in defined
+                ]
             stale += [(module, node.lineno, name) for name in missing]
     assert not stale, "imports of vmrnn names that do not exist:\n" + "\n".join(
-        f"{module} (line {line}): {name}" for module, line, name in sorted(stale))
+        f"{module} (line {line}): {name}" for module, line, name in sorted(stale)
+    )
 
 
 def test_no_import_cycle_in_the_package():

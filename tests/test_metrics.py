@@ -42,8 +42,9 @@ def official_numpy(pred: np.ndarray, true: np.ndarray, data_range: float) -> dic
     ssim, psnr = 0.0, 0.0
     for b in range(pred.shape[0]):
         for f in range(pred.shape[1]):
-            ssim += structural_similarity(pred[b, f].swapaxes(0, 2), true[b, f].swapaxes(0, 2),
-                                          data_range=data_range, channel_axis=-1)
+            ssim += structural_similarity(
+                pred[b, f].swapaxes(0, 2), true[b, f].swapaxes(0, 2), data_range=data_range, channel_axis=-1
+            )
             with np.errstate(over="ignore"):
                 err = np.mean((np.uint8(pred[b, f] * 255) - np.uint8(true[b, f] * 255)) ** 2)
             psnr += float("inf") if err == 0 else 20 * np.log10(255) - 10 * np.log10(err)
@@ -57,8 +58,15 @@ def test_ssim_matches_scikit_image(channels, data_range):
     pred, true = pair((2, 3, channels, 17, 23), seed=channels)
     p, t = pred.double().clamp(0, 1), true.double()
     ours = ssim_per_frame(p, t, data_range)
-    ref = np.array([[structural_similarity(p[b, f].numpy(), t[b, f].numpy(), data_range=data_range, channel_axis=0)
-                     for f in range(3)] for b in range(2)])
+    ref = np.array(
+        [
+            [
+                structural_similarity(p[b, f].numpy(), t[b, f].numpy(), data_range=data_range, channel_axis=0)
+                for f in range(3)
+            ]
+            for b in range(2)
+        ]
+    )
     np.testing.assert_allclose(ours.numpy(), ref, rtol=0, atol=1e-12)
 
 
@@ -96,8 +104,8 @@ def test_mse_mae_are_per_frame_sums_averaged_over_frames():
 def test_paper_psnr_wraps_like_uint8():
     true = torch.zeros(1, 2, 1, 8, 8)
     pred = torch.zeros(1, 2, 1, 8, 8)
-    pred[0, 0] = 0.8   # uint8(0.8 * 255) = 204: error +204 -> 204^2 = 41616 = 144 (mod 256)
-    true[0, 1] = 0.8   # error -204 -> 52 (mod 256) -> 2704 = 144 (mod 256)
+    pred[0, 0] = 0.8  # uint8(0.8 * 255) = 204: error +204 -> 204^2 = 41616 = 144 (mod 256)
+    true[0, 1] = 0.8  # error -204 -> 52 (mod 256) -> 2704 = 144 (mod 256)
     psnr = psnr_per_frame(pred, true, "paper")
     expect = 20 * math.log10(255) - 10 * math.log10(144)
     assert psnr[0].tolist() == pytest.approx([expect, expect], rel=1e-14)
@@ -110,8 +118,9 @@ def test_paper_psnr_wraps_like_uint8():
 
 
 def test_uint8_truncation_matches_numpy():
-    vals = np.concatenate([np.arange(256, dtype=np.float32) / np.float32(255),
-                           np.random.default_rng(0).random(5000, dtype=np.float32)])
+    vals = np.concatenate(
+        [np.arange(256, dtype=np.float32) / np.float32(255), np.random.default_rng(0).random(5000, dtype=np.float32)]
+    )
     # per-pixel against numpy's uint8 arithmetic on float32 arrays
     for shift in (0, 37, 200):
         p = vals.reshape(1, 1, 1, -1, 1)
@@ -128,8 +137,8 @@ def test_predictions_are_clipped_after_mse_and_mae():
     pred = torch.full((1, 1, 1, 8, 8), 1.5)
     for mode in ("paper", "standard"):
         r = compute_metrics(pred, true, mode)
-        assert r["mse"] == 16.0 and r["mae"] == 32.0          # raw predictions
-        assert r["psnr"] == math.inf and r["ssim"] == 1.0     # clipped predictions equal the target
+        assert r["mse"] == 16.0 and r["mae"] == 32.0  # raw predictions
+        assert r["psnr"] == math.inf and r["ssim"] == 1.0  # clipped predictions equal the target
 
 
 def test_streaming_equals_one_shot_and_states_sum():
@@ -195,8 +204,9 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
 def test_all_reduce_over_two_processes(tmp_path):
     init = f"file://{tmp_path / 'store'}"
     out = str(tmp_path / "state.pt")
-    ctx = mp.start_processes(_worker, args=(2, init, out), nprocs=2, join=False,
-                             start_method="fork" if os.name == "posix" else "spawn")
+    ctx = mp.start_processes(
+        _worker, args=(2, init, out), nprocs=2, join=False, start_method="fork" if os.name == "posix" else "spawn"
+    )
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:

@@ -6,13 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from test_selective_scan import stepwise_scan
 from vmrnn.models import (
-    PRESETS, SS2D, ConfigError, build_model, count_parameters, cross_merge, cross_scan, get_preset,
-    official_parameter_count, rollout_loss,
+    PRESETS,
+    SS2D,
+    ConfigError,
+    build_model,
+    count_parameters,
+    cross_merge,
+    cross_scan,
+    get_preset,
+    official_parameter_count,
+    rollout_loss,
 )
 from vmrnn.models.blocks import VMRNNCell
-
-from test_selective_scan import stepwise_scan
 
 # Official counts (VMRNN_SPEC.md) and ours: we omit the official tensors that never get gradients
 # (VSBs.{i>=1}.linear, and Upsample.patch_embed in VMRNN-D).
@@ -55,8 +62,9 @@ def naive_ss2d_core(m: SS2D, x: torch.Tensor) -> torch.Tensor:
         proj = torch.einsum("bdl,cd->bcl", seq, m.x_proj[k].double())
         dt_low, Bk, Ck = proj.split([m.rank, m.d_state, m.d_state], dim=1)
         dt = torch.einsum("brl,dr->bdl", dt_low, m.dt_proj[k].double())
-        y = stepwise_scan(seq, dt, A[k], Bk[:, None], Ck[:, None], m.skip.double().reshape(4, d)[k],
-                          m.dt_bias[k].double(), True)
+        y = stepwise_scan(
+            seq, dt, A[k], Bk[:, None], Ck[:, None], m.skip.double().reshape(4, d)[k], m.dt_bias[k].double(), True
+        )
         for t, (i, j) in enumerate(order):
             out[:, :, i, j] += y[:, :, t]
     return out.permute(0, 2, 3, 1)
@@ -86,8 +94,8 @@ def test_ssm_init_follows_the_official_ranges():
     torch.manual_seed(0)
     m = SS2D(128)
     assert m.rank == 8 and m.x_proj.shape == (4, 8 + 32, 256) and m.A_log.shape == (1024, 16)
-    assert m.x_proj.abs().max() <= 1 / 256 ** 0.5
-    assert m.dt_proj.abs().max() <= 8 ** -0.5
+    assert m.x_proj.abs().max() <= 1 / 256**0.5
+    assert m.dt_proj.abs().max() <= 8**-0.5
     dt = F.softplus(m.dt_bias)
     assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6
     assert torch.allclose(m.A_log[5], torch.log(torch.arange(1, 17.0)))
@@ -132,7 +140,7 @@ def test_rollout_uses_ground_truth_then_its_own_outputs(preset):
     p2 = model(changed, n_in)
     assert torch.equal(p2[:, 0], preds[:, 0]) and not torch.equal(p2[:, 1], preds[:, 1])
     # predict() is the rollout's last n_out outputs.
-    assert torch.allclose(model.predict(frames[:, :n_in], n_out), preds[:, n_in - 1:], atol=1e-6)
+    assert torch.allclose(model.predict(frames[:, :n_in], n_out), preds[:, n_in - 1 :], atol=1e-6)
 
 
 def test_loss_definitions():
@@ -198,16 +206,19 @@ def test_activation_checkpointing_gives_the_same_gradients():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(img_size=30), "divisible"),
-    (dict(patch_size=3), "patch_size"),
-    (dict(arch="x"), "arch"),
-    (dict(embed_dim=24), "multiple of 16"),
-    (dict(depths_down=(1,) * 5, depths_up=(1,) * 5), "halved"),
-    (dict(depths_down=(1,), depths_up=(1, 1)), "same length"),
-    (dict(drop_path=1.5), "drop_path"),
-    (dict(window_size=4), "unknown model option"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(img_size=30), "divisible"),
+        (dict(patch_size=3), "patch_size"),
+        (dict(arch="x"), "arch"),
+        (dict(embed_dim=24), "multiple of 16"),
+        (dict(depths_down=(1,) * 5, depths_up=(1,) * 5), "halved"),
+        (dict(depths_down=(1,), depths_up=(1, 1)), "same length"),
+        (dict(drop_path=1.5), "drop_path"),
+        (dict(window_size=4), "unknown model option"),
+    ],
+)
 def test_bad_configs_are_named(kwargs, match):
     base = "mmnist-tiny"
     with pytest.raises(ConfigError, match=match):
@@ -219,12 +230,15 @@ def test_unknown_preset():
         build_model("vmrnn-xl")
 
 
-@pytest.mark.parametrize("shape,match", [
-    ((2, 4, 32, 32), "batch, time, channels"),  # wrong rank
-    ((2, 4, 2, 32, 16), "2x32x16"),  # H != W
-    ((2, 4, 1, 32, 32), "1x32x32"),  # wrong channels
-    ((2, 4, 2, 64, 64), "expects 2x32x32"),  # wrong size
-])
+@pytest.mark.parametrize(
+    "shape,match",
+    [
+        ((2, 4, 32, 32), "batch, time, channels"),  # wrong rank
+        ((2, 4, 2, 32, 16), "2x32x16"),  # H != W
+        ((2, 4, 1, 32, 32), "1x32x32"),  # wrong channels
+        ((2, 4, 2, 64, 64), "expects 2x32x32"),  # wrong size
+    ],
+)
 def test_bad_inputs_are_named(shape, match):
     model = build_model("taxibj-tiny")
     with pytest.raises(ValueError, match=match):

@@ -10,7 +10,11 @@ import pytest
 import torch
 
 from vmrnn.models import (
-    CheckpointMismatch, build_model, convert_official_state_dict, load_official_state_dict, official_key_map,
+    CheckpointMismatch,
+    build_model,
+    convert_official_state_dict,
+    load_official_state_dict,
+    official_key_map,
     to_official_state_dict,
 )
 
@@ -57,7 +61,7 @@ def test_official_layout_loads_and_round_trips(layout):
     ours = model.state_dict()
     # Every tensor our model keeps arrives under its mapped name, bit for bit.
     kmap = official_key_map(model.config)
-    plain = {k[len(prefix):].replace("ST.layers.0.", "ST.layer."): v for k, v in state.items()}
+    plain = {k[len(prefix) :].replace("ST.layers.0.", "ST.layer."): v for k, v in state.items()}
     for official_key, tensor in plain.items():
         target = kmap[official_key]
         if target is not None:
@@ -81,7 +85,9 @@ def test_key_map_covers_every_official_key_once():
 
 def test_latest_pth_wrapper_is_unwrapped():
     state = {"epoch": 3, "state_dict": random_official_state(official_keys("vmrnn-b-taxibj"))}
-    assert len(convert_official_state_dict(state, build_model("taxibj").config)) == len(build_model("taxibj").state_dict())
+    assert len(convert_official_state_dict(state, build_model("taxibj").config)) == len(
+        build_model("taxibj").state_dict()
+    )
 
 
 def test_loaded_weights_drive_the_forward():
@@ -106,7 +112,10 @@ def test_missing_key_is_named():
 def test_wrong_shape_is_named():
     state = random_official_state(official_keys("vmrnn-b-taxibj"))
     state["ST.patch_embed.proj.weight"] = torch.zeros(128, 2, 2, 2)
-    with pytest.raises(CheckpointMismatch, match=r"ST\.patch_embed\.proj\.weight: checkpoint \(128, 2, 2, 2\) vs expected \(128, 2, 4, 4\)"):
+    with pytest.raises(
+        CheckpointMismatch,
+        match=r"ST\.patch_embed\.proj\.weight: checkpoint \(128, 2, 2, 2\) vs expected \(128, 2, 4, 4\)",
+    ):
         load_official_state_dict(build_model("taxibj"), state)
 
 

@@ -81,8 +81,14 @@ def test_configure_model_sets_and_resets_the_modules():
 
 
 @pytest.mark.parametrize("preset", ["taxibj-tiny", "mmnist-tiny"])
-@pytest.mark.parametrize("mode", [dict(fused=True, scan_backend="torch"), dict(checkpoint_steps=True),
-                                  dict(fused=True, scan_backend="torch", checkpoint_steps=True)])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        dict(fused=True, scan_backend="torch"),
+        dict(checkpoint_steps=True),
+        dict(fused=True, scan_backend="torch", checkpoint_steps=True),
+    ],
+)
 def test_cpu_modes_match_reference_fp32(preset, mode):
     ref = step_loss_and_grads(preset, ExecutionConfig.reference())
     got = step_loss_and_grads(preset, ExecutionConfig(**mode))
@@ -106,7 +112,7 @@ def test_compiled_fused_ss2d_has_no_graph_break():
     m = SS2D(16, d_state=4)
     m.impl, m.fused_backend = "fused", "torch"
     x = torch.randn(2, 4, 4, 16)
-    ref = m(x)
+    m(x)
     explanation = torch._dynamo.explain(m.forward_fused)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
@@ -118,10 +124,16 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("mode", [
-    dict(fused=True), dict(cuda_graphs=True), dict(fused=True, cuda_graphs=True),
-    dict(fused=True, cuda_graphs=True, checkpoint_steps=True), dict(fused=True, compile=True),
-])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        dict(fused=True),
+        dict(cuda_graphs=True),
+        dict(fused=True, cuda_graphs=True),
+        dict(fused=True, cuda_graphs=True, checkpoint_steps=True),
+        dict(fused=True, compile=True),
+    ],
+)
 def test_gpu_modes_match_reference_fp32(mode):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -151,8 +163,9 @@ def test_graphed_step_trains_like_eager_and_follows_lr_changes():
         torch.manual_seed(0)
         model = build_model("taxibj-tiny", drop_path=0.0).cuda()
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        step = make_train_step(model, opt, n_input=2, device="cuda",
-                               execution=ExecutionConfig(fused=True, cuda_graphs=graphs))
+        step = make_train_step(
+            model, opt, n_input=2, device="cuda", execution=ExecutionConfig(fused=True, cuda_graphs=graphs)
+        )
         g = torch.Generator().manual_seed(5)
         out = []
         for i in range(6):
@@ -209,6 +222,7 @@ def test_graph_safe_checkpointing_gives_the_eager_gradients_with_drop_path():
         frames = torch.rand(3, 4, 1, 64, 64, generator=torch.Generator().manual_seed(1))
         torch.manual_seed(7)
         from vmrnn.models import rollout_loss  # noqa: PLC0415
+
         loss = rollout_loss(model(frames, 2), frames, 2)
         loss.backward()
         out.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}))

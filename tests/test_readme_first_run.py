@@ -45,7 +45,10 @@ def as_run_here(command: str) -> str:
 
 def test_readme_lists_the_first_run():
     commands = readme_first_run()
-    assert [c.split()[:3] for c in commands] == [[".venv/bin/vmrnn", "data", "synth"], [".venv/bin/vmrnn", "train", "--dataset"]]
+    assert [c.split()[:3] for c in commands] == [
+        [".venv/bin/vmrnn", "data", "synth"],
+        [".venv/bin/vmrnn", "train", "--dataset"],
+    ]
     assert "--workers 2" in commands[1]
 
 

@@ -46,14 +46,22 @@ def _logged_run(uri: str, seed: int, val_mse: float) -> str:
 
     torch.manual_seed(seed)
     model = build_model("taxibj-tiny")
-    meta = model_meta(model.config.to_dict(), {"name": "taxibj", "in_frames": 4, "out_frames": 4,
-                                               "channels": 2, "height": 32, "width": 32}, {"seed": seed})
+    meta = model_meta(
+        model.config.to_dict(),
+        {"name": "taxibj", "in_frames": 4, "out_frames": 4, "channels": 2, "height": 32, "width": 32},
+        {"seed": seed},
+    )
     with pinned_tracking_uri(uri):  # the fluent API, without leaving the URI set for later tests
         mlflow.set_experiment("registry-test")
         with mlflow.start_run() as run:
             mlflow.log_metric("val_mse", val_mse)
-            log_forecaster(model.state_dict(), meta, np.zeros((1, 4, 2, 32, 32), np.float32),
-                           fmt="pickle", name=T.MODEL_ARTIFACT_PATH)
+            log_forecaster(
+                model.state_dict(),
+                meta,
+                np.zeros((1, 4, 2, 32, 32), np.float32),
+                fmt="pickle",
+                name=T.MODEL_ARTIFACT_PATH,
+            )
     return run.info.run_id
 
 
@@ -66,8 +74,16 @@ def test_champion_and_challenger_on_a_real_store(store):
     name = D.registered_model_name("taxibj")
     a, b, c, d = (_logged_run(store, i, mse) for i, mse in enumerate([0.5, 0.7, 0.3, 0.4]))
 
-    r = register_best(store, dataset="taxibj", run_id=a, val_mse=0.5, metrics={"val_ssim": 0.9},
-                      config={"lr": 1e-3}, sweep="s1", trial_id="t-a")
+    r = register_best(
+        store,
+        dataset="taxibj",
+        run_id=a,
+        val_mse=0.5,
+        metrics={"val_ssim": 0.9},
+        config={"lr": 1e-3},
+        sweep="s1",
+        trial_id="t-a",
+    )
     assert (r.version, r.alias, r.previous_champion, r.reused) == ("1", T.CHAMPION, None, False)
     mv = client.get_model_version(name, "1")
     assert mv.run_id == a and mv.tags["val_mse"] == "0.5" and mv.tags["val_ssim"] == "0.9"
@@ -83,8 +99,9 @@ def test_champion_and_challenger_on_a_real_store(store):
     assert (r.version, r.alias, r.reused) == ("2", T.CHALLENGER, True)
 
     # lower val_mse, but measured on synthetic data: never replaces a real-data champion
-    r = register_best(store, dataset="taxibj", run_id=c, val_mse=0.3, sweep="smoke", trial_id="t-c",
-                      eval_data="synthetic")
+    r = register_best(
+        store, dataset="taxibj", run_id=c, val_mse=0.3, sweep="smoke", trial_id="t-c", eval_data="synthetic"
+    )
     assert (r.version, r.alias) == ("3", T.CHALLENGER) and "synthetic" in r.reason
     assert str(client.get_model_version_by_alias(name, T.CHAMPION).version) == "1"
 

@@ -1,4 +1,4 @@
-"""Security (issue 8): what we start listens on 127.0.0.1 only and keeps Ray's token authentication on;
+"""Security: what we start listens on 127.0.0.1 only and keeps Ray's token authentication on;
 checkpoints load with `torch.load(weights_only=True)` (a pickled object is refused, never run); nothing
 secret-looking reaches MLflow params or tags.
 
@@ -22,9 +22,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_train_helpers import tiny_cfg, write_taxibj
 
 from procs import REPO, kill_processes_mentioning, ray_temp_dir, scrubbed_env, stop_group
+from test_train_helpers import tiny_cfg, write_taxibj
 
 # A local Ray started the way `sweeps/*.py` (vmrnn.tune.local_ray.connect) and `vmrnn train`
 # (vmrnn.train.ray_train.init_local_ray) start it; it prints its dashboard URL and waits for a line.
@@ -91,12 +91,15 @@ def _listening(pids: set[int]) -> list[tuple[int, str, int]]:
             if v6:
                 if hexip.startswith("0000000000000000FFFF0000"):  # ::ffff:a.b.c.d, an IPv4-mapped address
                     v4 = hexip[24:]
-                    ip = ".".join(str(int(v4[i:i + 2], 16)) for i in (6, 4, 2, 0))
+                    ip = ".".join(str(int(v4[i : i + 2], 16)) for i in (6, 4, 2, 0))
                 else:
-                    ip = "::1" if hexip == "00000000000000000000000001000000" else \
-                        ("::" if set(hexip) == {"0"} else hexip)
+                    ip = (
+                        "::1"
+                        if hexip == "00000000000000000000000001000000"
+                        else ("::" if set(hexip) == {"0"} else hexip)
+                    )
             else:
-                ip = ".".join(str(int(hexip[i:i + 2], 16)) for i in (6, 4, 2, 0))
+                ip = ".".join(str(int(hexip[i : i + 2], 16)) for i in (6, 4, 2, 0))
             found.append((inodes[inode], ip, int(hexport, 16)))
     return found
 
@@ -120,9 +123,16 @@ def test_local_ray_listens_on_loopback_only_and_requires_its_token(who, tmp_path
     env = scrubbed_env(HOME=str(home), PYTHONPATH=str(REPO), RAY_TMPDIR=str(ray_tmp))
     for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(k, None)  # the defaults our code starts Ray with, not the test suite's
-    proc = subprocess.Popen([sys.executable, "-c", _SCRIPT.format(start=_START[who])], env=env, cwd=tmp_path,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SCRIPT.format(start=_START[who])],
+        env=env,
+        cwd=tmp_path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         line = proc.stdout.readline()  # bounded by the test timeout; the script prints once Ray is up
         assert line, f"{who}: the local Ray did not start"
@@ -152,10 +162,17 @@ def _torch_load_calls(root: Path) -> list[tuple[str, int, bool]]:
     for path in sorted(root.rglob("*.py")):
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
-                safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
-                           for k in node.keywords)
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "load"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "torch"
+            ):
+                safe = any(
+                    k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                    for k in node.keywords
+                )
                 out.append((str(path.relative_to(REPO)), node.lineno, safe))
     return out
 
@@ -180,26 +197,37 @@ def test_no_secret_reaches_mlflow_params_or_tags(tmp_path, monkeypatch, mlflow_s
     from vmrnn.train.loop import train
 
     canary = secrets.token_hex(6)
-    env = {"AWS_SECRET_ACCESS_KEY": f"aws-{canary}", "VMRNN_TEST_TOKEN": f"tok-{canary}",
-           "DB_PASSWORD": f"pw-{canary}", "VMRNN_TEST_API_KEY": f"key-{canary}",
-           "MLFLOW_TRACKING_PASSWORD": f"mlpw-{canary}"}
+    env = {
+        "AWS_SECRET_ACCESS_KEY": f"aws-{canary}",
+        "VMRNN_TEST_TOKEN": f"tok-{canary}",
+        "DB_PASSWORD": f"pw-{canary}",
+        "VMRNN_TEST_API_KEY": f"key-{canary}",
+        "MLFLOW_TRACKING_PASSWORD": f"mlpw-{canary}",
+    }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     uri = mlflow_server.uri.replace("http://", f"http://vmrnn:uri-{canary}@")  # credentials in the URI
     data = write_taxibj(tmp_path / "data")
-    cfg = tiny_cfg(data, epochs=1, max_train_batches=1, tracking=True, tracking_uri=uri, experiment="t-sec",
-                   log_model=False, log_images=False, checkpoint_dir=str(tmp_path / "ck"),
-                   tags={"team": "vision", "api_token": f"tag-{canary}", "db_passwd": f"tagpw-{canary}"},
-                   data_options={"val_fraction": 0.1})
+    cfg = tiny_cfg(
+        data,
+        epochs=1,
+        max_train_batches=1,
+        tracking=True,
+        tracking_uri=uri,
+        experiment="t-sec",
+        log_model=False,
+        log_images=False,
+        checkpoint_dir=str(tmp_path / "ck"),
+        tags={"team": "vision", "api_token": f"tag-{canary}", "db_passwd": f"tagpw-{canary}"},
+        data_options={"val_fraction": 0.1},
+    )
     res = train(cfg)
     client = MlflowClient(mlflow_server.uri)
     run = client.get_run(res.run_id)
-    items = [("param", k, v) for k, v in run.data.params.items()] + \
-            [("tag", k, v) for k, v in run.data.tags.items()]
+    items = [("param", k, v) for k, v in run.data.params.items()] + [("tag", k, v) for k, v in run.data.tags.items()]
     assert run.data.params["tags.team"] == "vision"  # ordinary values are logged ...
     assert run.data.params["tags.api_token"] == "***" and run.data.tags["api_token"] == "***"  # ... these not
     assert run.data.tags["db_passwd"] == "***"
-    leaked = [f"{kind} {k}={v[:60]}" for kind, k, v in items
-              if canary in v or canary in k or k.upper() in env]
+    leaked = [f"{kind} {k}={v[:60]}" for kind, k, v in items if canary in v or canary in k or k.upper() in env]
     assert leaked == []
     assert "vmrnn:" not in run.data.params["tracking_uri"] and "@" not in run.data.params["tracking_uri"]

@@ -1,5 +1,4 @@
-from vmrnn.tracking import tags
-"""Faults during sweeps, secrets, and load (issue 8), on a real `ray start --head` (token auth) and a real
+"""Faults during sweeps, secrets, and load, on a real `ray start --head` (token auth) and a real
 `mlflow server`, both on 127.0.0.1, with sweeps submitted by `ray job submit` (no mocks).
 
 - test_sweep_survives_a_killed_worker_a_killed_driver_and_a_diverging_trial: one smoke sweep (4 trials x
@@ -41,17 +40,34 @@ import numpy as np
 import pytest
 
 from procs import (
-    BIN, REPO, MlflowServer, RayHead, job_status, kill_processes_mentioning, minimal_working_dir,
-    processes_mentioning, ray_job, ray_temp_dir, running_mlflow_server, running_ray_head, scrubbed_env, stop_group,
+    BIN,
+    REPO,
+    MlflowServer,
+    RayHead,
+    job_status,
+    kill_processes_mentioning,
+    minimal_working_dir,
+    processes_mentioning,
+    ray_job,
+    ray_temp_dir,
+    running_mlflow_server,
+    running_ray_head,
+    scrubbed_env,
+    stop_group,
     wait_for,
 )
+from vmrnn.tracking import tags
 
 pytestmark = pytest.mark.slow
 
 # Secret-looking variables in the environment of every Ray process (drivers, trial actors, workers).
 CANARY = secrets.token_hex(6)
-SECRET_ENV = {"AWS_SECRET_ACCESS_KEY": f"aws-{CANARY}", "VMRNN_TEST_TOKEN": f"tok-{CANARY}",
-              "DB_PASSWORD": f"pw-{CANARY}", "VMRNN_TEST_API_KEY": f"key-{CANARY}"}
+SECRET_ENV = {
+    "AWS_SECRET_ACCESS_KEY": f"aws-{CANARY}",
+    "VMRNN_TEST_TOKEN": f"tok-{CANARY}",
+    "DB_PASSWORD": f"pw-{CANARY}",
+    "VMRNN_TEST_API_KEY": f"key-{CANARY}",
+}
 
 
 @dataclass
@@ -83,8 +99,12 @@ class Cluster:
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
     def wait_job(self, job_id: str, timeout: float) -> str:
-        return wait_for(lambda: (s := job_status(self.env, self.address, job_id)) in
-                        ("SUCCEEDED", "FAILED", "STOPPED") and s, timeout, interval=3, what=f"job {job_id} to end")
+        return wait_for(
+            lambda: (s := job_status(self.env, self.address, job_id)) in ("SUCCEEDED", "FAILED", "STOPPED") and s,
+            timeout,
+            interval=3,
+            what=f"job {job_id} to end",
+        )
 
     def logs(self, job_id: str) -> str:
         return ray_job(self.env, self.address, "logs", job_id, timeout=60).stdout
@@ -108,10 +128,10 @@ def cluster(tmp_path_factory):
     """A real `mlflow server` serving artifacts and a `ray start --head` with token auth, both on 127.0.0.1;
     every Ray process sees SECRET_ENV."""
     root = tmp_path_factory.mktemp("rel")
-    env = scrubbed_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
-                       VMRNN_CACHE_DIR=str(root / "cache"), **SECRET_ENV)
-    with running_mlflow_server(root / "mlflow", serve_artifacts=True) as mlflow, \
-            running_ray_head(root, env) as head:
+    env = scrubbed_env(
+        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), VMRNN_CACHE_DIR=str(root / "cache"), **SECRET_ENV
+    )
+    with running_mlflow_server(root / "mlflow", serve_artifacts=True) as mlflow, running_ray_head(root, env) as head:
         yield Cluster(root, env, mlflow, head, minimal_working_dir(root / "src"))
 
 
@@ -125,8 +145,11 @@ def _trial_runs(client, sweep: str) -> list:
     exp = client.get_experiment_by_name("vmrnn-taxibj")
     if exp is None:
         return []
-    return client.search_runs([exp.experiment_id], filter_string=(
-        f"tags.`vmrnn.sweep` = '{sweep}' and tags.`vmrnn.role` = 'trial'"), order_by=["start_time ASC"])
+    return client.search_runs(
+        [exp.experiment_id],
+        filter_string=(f"tags.`vmrnn.sweep` = '{sweep}' and tags.`vmrnn.role` = 'trial'"),
+        order_by=["start_time ASC"],
+    )
 
 
 def _steps(client, run_id: str, key: str) -> list[int]:
@@ -135,8 +158,11 @@ def _steps(client, run_id: str, key: str) -> list[int]:
 
 def _driver_pids(marker: str) -> list[int]:
     """The job's driver: the `python sweeps/taxibj.py` process (not its /bin/sh parent, not Ray's actors)."""
-    return [pid for pid, cmd in processes_mentioning(marker)
-            if "sweeps/taxibj.py" in cmd and cmd.split()[0].endswith(("python", "python3"))]
+    return [
+        pid
+        for pid, cmd in processes_mentioning(marker)
+        if "sweeps/taxibj.py" in cmd and cmd.split()[0].endswith(("python", "python3"))
+    ]
 
 
 def _checkpointed(train_runs: Path, trial_id: str, epoch: int) -> bool:
@@ -197,9 +223,27 @@ def test_sweep_survives_a_killed_worker_a_killed_driver_and_a_diverging_trial(cl
     sweep, epochs = "faults", 3
     storage = cluster.root / "ray_results"
     # 8 batches an epoch (smoke: 4): time to kill a worker between the first and the last checkpoint.
-    args = ("--smoke", "--epochs", str(epochs), "--num-samples", "4", "--point", "lr=1e10,warmup_epochs=0",
-            "--set", "max_train_batches=8", "--trial-cpus", "1", "--cpus-per-worker", "0.5",  # one trial at a time
-            "--name", sweep, "--tracking-uri", cluster.uri, "--storage-path", str(storage))
+    args = (
+        "--smoke",
+        "--epochs",
+        str(epochs),
+        "--num-samples",
+        "4",
+        "--point",
+        "lr=1e10,warmup_epochs=0",
+        "--set",
+        "max_train_batches=8",
+        "--trial-cpus",
+        "1",
+        "--cpus-per-worker",
+        "0.5",  # one trial at a time
+        "--name",
+        sweep,
+        "--tracking-uri",
+        cluster.uri,
+        "--storage-path",
+        str(storage),
+    )
     client = _client(cluster.uri)
     cluster.submit("faults-1", *args)
     try:
@@ -214,9 +258,9 @@ def test_sweep_survives_a_killed_worker_a_killed_driver_and_a_diverging_trial(cl
         trial1 = wait_for(first_epoch_checkpointed, 300, interval=0.3, what="trial 1's first checkpoint")
         # The workers' process titles (`ray::RayTrainWorker...`), read from /proc: `ray list actors`
         # takes seconds, in which a smoke trial can finish.
-        workers = sorted(pid for pid, cmd in processes_mentioning("RayTrainWorker")
-                         if cmd.startswith("ray::RayTrainWorker")) or \
-            [int(a["pid"]) for a in cluster.ray_list("actors", "class_name=RayTrainWorker", "state=ALIVE")]
+        workers = sorted(
+            pid for pid, cmd in processes_mentioning("RayTrainWorker") if cmd.startswith("ray::RayTrainWorker")
+        ) or [int(a["pid"]) for a in cluster.ray_list("actors", "class_name=RayTrainWorker", "state=ALIVE")]
         assert workers, "trial 1 has live Ray Train workers"
         os.kill(workers[-1], signal.SIGKILL)
         epochs_before_kill = _steps(client, trial1.info.run_id, "val_mse")
@@ -226,12 +270,21 @@ def test_sweep_survives_a_killed_worker_a_killed_driver_and_a_diverging_trial(cl
         def statuses():
             return [r.data.tags.get(tags.TAG_TRIAL_STATUS) for r in _trial_runs(client, sweep)]
 
-        wait_for(lambda: statuses()[:2] == [D.TRIAL_FINISHED, D.TRIAL_FAILED], 420, interval=2,
-                 what=f"trial 1 FINISHED and trial 2 FAILED (now {statuses()})")
+        wait_for(
+            lambda: statuses()[:2] == [D.TRIAL_FINISHED, D.TRIAL_FAILED],
+            420,
+            interval=2,
+            what=f"trial 1 FINISHED and trial 2 FAILED (now {statuses()})",
+        )
         exp_dir = storage / sweep
-        wait_for(lambda: any("TERMINATED" in p.read_text() and "ERROR" in p.read_text()
-                             for p in exp_dir.glob("experiment_state-*.json")), 120,
-                 what="Tune's saved state with trials 1 and 2 ended")
+        wait_for(
+            lambda: any(
+                "TERMINATED" in p.read_text() and "ERROR" in p.read_text()
+                for p in exp_dir.glob("experiment_state-*.json")
+            ),
+            120,
+            what="Tune's saved state with trials 1 and 2 ended",
+        )
 
         # -- fault 2: SIGKILL the job's driver while trial 3 trains (its first epoch is in MLflow).
         def third_trial_checkpointed():
@@ -244,8 +297,12 @@ def test_sweep_survives_a_killed_worker_a_killed_driver_and_a_diverging_trial(cl
         os.kill(drivers[0], signal.SIGKILL)
         assert cluster.wait_job("faults-1", 120) == "FAILED"
         # Ray ends a dead driver's actors (trial runners, Train controllers and workers) by itself.
-        wait_for(lambda: not cluster.ray_list("actors", "class_name=RayTrainWorker", "state=ALIVE"), 120,
-                 interval=2, what="the dead driver's Ray Train workers to go")
+        wait_for(
+            lambda: not cluster.ray_list("actors", "class_name=RayTrainWorker", "state=ALIVE"),
+            120,
+            interval=2,
+            what="the dead driver's Ray Train workers to go",
+        )
     finally:
         (cluster.root / "job-faults-1.log").write_text(cluster.logs("faults-1"))
 
@@ -314,10 +371,22 @@ def test_sweep_survives_a_killed_worker_a_killed_driver_and_a_diverging_trial(cl
     # ... and it forecasts through the CLI, loaded from the registry on the tracking server.
     x = np.random.default_rng(0).random((2, 4, 2, 32, 32), dtype=np.float32)
     np.save(cluster.root / "x.npy", x)
-    pred = subprocess.run([str(BIN / "vmrnn"), "predict", "--model", "models:/vmrnn-taxibj@champion",
-                           "--input", str(cluster.root / "x.npy"), "--out", str(cluster.root / "y.npy")],
-                          env=dict(cluster.env, MLFLOW_TRACKING_URI=cluster.uri), capture_output=True, text=True,
-                          timeout=180)
+    pred = subprocess.run(
+        [
+            str(BIN / "vmrnn"),
+            "predict",
+            "--model",
+            "models:/vmrnn-taxibj@champion",
+            "--input",
+            str(cluster.root / "x.npy"),
+            "--out",
+            str(cluster.root / "y.npy"),
+        ],
+        env=dict(cluster.env, MLFLOW_TRACKING_URI=cluster.uri),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert pred.returncode == 0, pred.stderr[-3000:]
     y = np.load(cluster.root / "y.npy")
     assert y.shape == (2, 4, 2, 32, 32) and np.isfinite(y).all() and 0 <= y.min() and y.max() <= 1
@@ -344,8 +413,12 @@ def test_sweep_survives_a_killed_worker_a_killed_driver_and_a_diverging_trial(cl
     assert others == [], [(a.get("class_name"), a.get("pid")) for a in others]
     assert cluster.ray_list("placement-groups", "state=CREATED") == []
     cluster.head.stop()
-    wait_for(lambda: not processes_mentioning(str(cluster.head.temp_dir)), 60, interval=1,
-             what="every process of the stopped cluster to exit")
+    wait_for(
+        lambda: not processes_mentioning(str(cluster.head.temp_dir)),
+        60,
+        interval=1,
+        what="every process of the stopped cluster to exit",
+    )
 
 
 @pytest.mark.timeout(900)
@@ -358,14 +431,40 @@ def test_more_trials_than_cpus_queue_and_nothing_leaks(tmp_path):
     marker = ray_temp_dir()  # the local Ray's temp dir: every process of that Ray names this path
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = scrubbed_env(RAY_TMPDIR=str(marker), VMRNN_CACHE_DIR=str(tmp_path / "cache"))
-    cmd = [sys.executable, str(REPO / "sweeps" / "taxibj.py"), "--smoke", "--epochs", "1", "--num-samples", str(n),
-           "--workers-per-trial", "1", "--cpus-per-worker", "0.25", "--trial-cpus", "0.25",
-           # not what this test is about, and most of a tiny trial's CPU time (torch.export, matplotlib)
-           "--set", "log_model=false", "--set", "log_images=false", "--set", "test_at_end=false",
-           "--max-concurrent", str(n), "--name", sweep, "--tracking-uri", uri,
-           "--storage-path", str(tmp_path / "ray_results"), "--no-register"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        str(REPO / "sweeps" / "taxibj.py"),
+        "--smoke",
+        "--epochs",
+        "1",
+        "--num-samples",
+        str(n),
+        "--workers-per-trial",
+        "1",
+        "--cpus-per-worker",
+        "0.25",
+        "--trial-cpus",
+        "0.25",
+        # not what this test is about, and most of a tiny trial's CPU time (torch.export, matplotlib)
+        "--set",
+        "log_model=false",
+        "--set",
+        "log_images=false",
+        "--set",
+        "test_at_end=false",
+        "--max-concurrent",
+        str(n),
+        "--name",
+        sweep,
+        "--tracking-uri",
+        uri,
+        "--storage-path",
+        str(tmp_path / "ray_results"),
+        "--no-register",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=780)
     finally:

@@ -36,8 +36,7 @@ def s3():
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1",
-                           allow_bucket_creation=True)
+    fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1", allow_bucket_creation=True)
     yield endpoint, fs
     server.stop()
     for k, v in saved.items():
@@ -101,8 +100,12 @@ def test_build_dataset_reads_an_s3_uri_through_a_node_local_cache(s3, local, cac
     entries = [p for p in cache.glob("*/*") if p.is_dir()]
     assert len(entries) == 1
     entry = entries[0]
-    assert sorted(p.relative_to(entry).as_posix() for p in entry.rglob("*") if p.is_file()) == \
-        [RECORD, "prepared/taxibj/manifest.json", "prepared/taxibj/test.arrow", "prepared/taxibj/train.arrow"]
+    assert sorted(p.relative_to(entry).as_posix() for p in entry.rglob("*") if p.is_file()) == [
+        RECORD,
+        "prepared/taxibj/manifest.json",
+        "prepared/taxibj/test.arrow",
+        "prepared/taxibj/train.arrow",
+    ]
     record = json.loads((entry / RECORD).read_text())
     assert record["uri"].startswith("s3://bkt") and "endpoint_override" not in record["uri"]
     assert len(record["files"]["prepared/taxibj/train.arrow"]["sha256"]) == 64
@@ -123,12 +126,18 @@ def test_a_uri_of_a_prepared_folder_and_of_all_prepared_data(s3, local):
 def test_workers_on_one_node_download_once(s3, local, cache, tmp_path):
     uri, _ = upload(s3, local)
     go = tmp_path / "go"
-    code = (f"import json, os, sys, time\nfrom vmrnn.data.remote import cache_prepared\n"
-            f"print('ready', flush=True)\nwhile not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
-            f"path, copied = cache_prepared(sys.argv[1], 'mmnist')\nprint(json.dumps([str(path), copied]))\n")
+    code = (
+        f"import json, os, sys, time\nfrom vmrnn.data.remote import cache_prepared\n"
+        f"print('ready', flush=True)\nwhile not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+        f"path, copied = cache_prepared(sys.argv[1], 'mmnist')\nprint(json.dumps([str(path), copied]))\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), CACHE_ENV: str(cache)}
-    procs = [subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for _ in range(3)
+    ]
     for p in procs:
         assert p.stdout.readline().strip() == "ready"
     go.write_text("")
@@ -174,8 +183,10 @@ def test_bad_remote_data_is_one_clear_error(s3, local, cache):
     with pytest.raises(DataFormatError, match=r"train.arrow has 1000 bytes, its manifest says \d+; upload"):
         build_dataset("taxibj", uri, "train")
     assert not [p for p in cache.glob("*/*") if p.is_dir()]  # nothing cached as complete
-    secret = f"s3://AKIDEXAMPLE:hunter2secret@{base}?endpoint_override=http://127.0.0.1:1&scheme=http" \
-             "&region=us-east-1"  # credentials in the URI, and nothing listening at the endpoint
+    secret = (
+        f"s3://AKIDEXAMPLE:hunter2secret@{base}?endpoint_override=http://127.0.0.1:1&scheme=http"
+        "&region=us-east-1"
+    )  # credentials in the URI, and nothing listening at the endpoint
     with pytest.raises(DataError) as exc:
         time_0 = time.time()
         build_dataset("taxibj", secret, "train")

@@ -49,9 +49,16 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-@pytest.mark.parametrize("seed,batch,groups,per,N,L", [
-    (0, 2, 4, 3, 5, 17), (1, 1, 1, 8, 16, 64), (2, 3, 4, 2, 4, 1), (3, 2, 2, 5, 7, 100), (4, 1, 4, 4, 16, 129),
-])
+@pytest.mark.parametrize(
+    "seed,batch,groups,per,N,L",
+    [
+        (0, 2, 4, 3, 5, 17),
+        (1, 1, 1, 8, 16, 64),
+        (2, 3, 4, 2, 4, 1),
+        (3, 2, 2, 5, 7, 100),
+        (4, 1, 4, 4, 16, 129),
+    ],
+)
 @pytest.mark.parametrize("softplus", [True, False])
 def test_torch_scan_matches_stepwise_recurrence(seed, batch, groups, per, N, L, softplus):
     x = random_inputs(seed, batch, groups, per, N, L)
@@ -76,15 +83,25 @@ def test_optional_D_and_bias_and_ungrouped_B():
     x = random_inputs(7, 2, 1, 6, 4, 9, requires_grad=False)
     B3, C3 = x["B"][:, 0], x["C"][:, 0]  # (batch, N, L): one group
     out = selective_scan(x["u"], x["delta"].abs(), x["A"], B3, C3, backend="torch")
-    ref = stepwise_scan(x["u"].double(), x["delta"].abs().double(), x["A"].double(), x["B"].double(),
-                        x["C"].double(), None, None, False)
+    ref = stepwise_scan(
+        x["u"].double(), x["delta"].abs().double(), x["A"].double(), x["B"].double(), x["C"].double(), None, None, False
+    )
     assert rel_err(out.double(), ref) < 1e-5
 
 
 def test_half_precision_input_keeps_dtype_and_fp32_state():
     x = random_inputs(3, 1, 4, 2, 4, 33, requires_grad=False)
-    out16 = selective_scan(x["u"].bfloat16(), x["delta"].bfloat16(), x["A"], x["B"].bfloat16(),
-                           x["C"].bfloat16(), x["D"], x["delta_bias"], True, backend="torch")
+    out16 = selective_scan(
+        x["u"].bfloat16(),
+        x["delta"].bfloat16(),
+        x["A"],
+        x["B"].bfloat16(),
+        x["C"].bfloat16(),
+        x["D"],
+        x["delta_bias"],
+        True,
+        backend="torch",
+    )
     out32 = selective_scan(**x, delta_softplus=True, backend="torch")
     assert out16.dtype == torch.bfloat16
     assert rel_err(out16.float(), out32) < 3e-2  # bf16 inputs, fp32 state

@@ -54,8 +54,8 @@ def run(backend, t, h, w, n, plan=None):
 
 # (b, h, w, d, n, plan choices): several chunks per segment, tails, a partial last segment, partial D blocks
 CASES = [
-    (1, 8, 8, 8, 4, dict(ck=8, nseg=4)),      # 8 chunks, 4 segments of 2
-    (2, 5, 7, 6, 4, dict(ck=8, nseg=2)),      # L=35: tail chunk, 5 chunks -> segments of 3 (one padded)
+    (1, 8, 8, 8, 4, dict(ck=8, nseg=4)),  # 8 chunks, 4 segments of 2
+    (2, 5, 7, 6, 4, dict(ck=8, nseg=2)),  # L=35: tail chunk, 5 chunks -> segments of 3 (one padded)
     (1, 6, 6, 40, 2, dict(ck=8, nseg=5, bd=16)),  # D blocks of 16 with a partial one, 5 segments
     (1, 8, 8, 8, 4, dict(ck=16, nseg=2, u_bwd=8)),  # two segments of two chunks, backward unrolled by 8
 ]
@@ -100,7 +100,11 @@ def _interpreter_checks() -> None:
 def test_combine_reference_is_the_sequential_recurrence():
     """combine_segments_ref: the carry into segment s equals running the recurrence over 0..s-1."""
     g = torch.Generator().manual_seed(0)
-    loc, sdt, A = torch.randn(4, 3, 2, 5, generator=g), torch.rand(4, 3, 5, generator=g), -torch.rand(20, 2, generator=g)
+    loc, sdt, A = (
+        torch.randn(4, 3, 2, 5, generator=g),
+        torch.rand(4, 3, 5, generator=g),
+        -torch.rand(20, 2, generator=g),
+    )
     out = fs.combine_segments_ref(loc, sdt, A)
     a = A.reshape(4, 5, 2).transpose(1, 2)
     assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))
@@ -110,8 +114,8 @@ def test_combine_reference_is_the_sequential_recurrence():
 
 
 def test_scan_plan_segments_long_sequences_only():
-    assert scan_plan(16, 64, 256, 16).nseg == 1          # TaxiBJ: one chunk, no segments
-    kth = scan_plan(4, 4096, 256, 16)                      # KTH: 128 programs -> segmented
+    assert scan_plan(16, 64, 256, 16).nseg == 1  # TaxiBJ: one chunk, no segments
+    kth = scan_plan(4, 4096, 256, 16)  # KTH: 128 programs -> segmented
     assert kth.nseg > 1 and kth.nseg * kth.cps * kth.ck >= 4096 and kth.bd == 32
     assert 4 * 4 * (256 // kth.bd) * kth.nseg <= TARGET_PROGRAMS
 
@@ -122,10 +126,10 @@ def test_scan_plan_choices_are_explicit_arguments():
     assert auto == scan_plan(2, 35, 6, 4) and auto.nseg == 1
     forced = scan_plan(2, 35, 6, 4, ck=8, nseg=2)
     assert forced == ScanPlan(bd=8, ck=8, u_fwd=8, u_bwd=4, warps=1, nseg=2, cps=3)
-    assert forced.nc == 6 and forced.nc * forced.ck >= 35          # 5 chunks -> segments of 3 (one padded)
+    assert forced.nc == 6 and forced.nc * forced.ck >= 35  # 5 chunks -> segments of 3 (one padded)
     assert scan_plan(1, 36, 40, 2, ck=8, nseg=5, bd=16).bd == 16
-    assert scan_plan(4, 4096, 256, 16, nseg=1).nseg == 1           # segments can be turned off
-    assert scan_plan(1, 9, 8, 4).ck == 16                            # short sequences: one chunk
+    assert scan_plan(4, 4096, 256, 16, nseg=1).nseg == 1  # segments can be turned off
+    assert scan_plan(1, 9, 8, 4).ck == 16  # short sequences: one chunk
 
 
 def test_reference_ignores_the_launch_plan():
@@ -137,8 +141,11 @@ def test_reference_ignores_the_launch_plan():
 
 @pytest.mark.skipif(not fs.HAS_TRITON, reason="triton is not installed")
 def test_chunked_triton_scan_matches_torch_on_cpu_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(HERE.parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        PYTHONPATH=os.pathsep.join([str(HERE.parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+    )
     proc = subprocess.run([sys.executable, str(HERE)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("ok") == len(CASES) + 1

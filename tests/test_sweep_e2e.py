@@ -45,16 +45,21 @@ def check_sweep_in_mlflow(uri: str, sweep: str, n_trials: int) -> dict:
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.get_experiment_by_name("vmrnn-taxibj")
-    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`vmrnn.sweep` = '{sweep}' and "
-                                                                   "tags.`vmrnn.role` = 'sweep'")
+    parents = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`vmrnn.sweep` = '{sweep}' and tags.`vmrnn.role` = 'sweep'"
+    )
     assert len(parents) == 1, "one parent run per sweep, reused on resume"
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.tags[tags.TAG_SWEEP_STATUS] == "FINISHED"
     assert parent.data.params["sweep.smoke"] == "true" and parent.data.params["space.lr"].startswith("loguniform")
     assert parent.data.metrics["best_val_mse"] > 0
     arts = {a.path for d in ("plots", "results") for a in client.list_artifacts(parent.info.run_id, d)}
-    assert {"plots/optimization_history.png", "plots/param_importances.png", "results/trials.parquet",
-            "results/best.json"} <= arts, arts
+    assert {
+        "plots/optimization_history.png",
+        "plots/param_importances.png",
+        "results/trials.parquet",
+        "results/best.json",
+    } <= arts, arts
     png = client.download_artifacts(parent.info.run_id, "plots/optimization_history.png")
     assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = pq.read_table(client.download_artifacts(parent.info.run_id, "results/trials.parquet")).to_pylist()
@@ -62,8 +67,9 @@ def check_sweep_in_mlflow(uri: str, sweep: str, n_trials: int) -> dict:
     assert {r["status"] for r in table} <= {D.TRIAL_FINISHED, D.TRIAL_PRUNED}
     assert any(r["status"] == D.TRIAL_FINISHED for r in table)
 
-    children = client.search_runs([exp.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
     keys = [c.data.tags[tags.TAG_RUN_KEY] for c in children]
     assert len(children) == n_trials and len(set(keys)) == n_trials, "one child run per trial, no duplicates"
     assert set(keys) == {f"{sweep}/{r['trial_id']}" for r in table}
@@ -104,8 +110,13 @@ def test_smoke_sweep_on_embedded_defaults(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING", "VMRNN_"))}
     # As after the README's set-up: the venv is never activated, so its bin folder is not on PATH.
     path = os.pathsep.join(p for p in env.get("PATH", "/usr/bin:/bin").split(os.pathsep) if p and p != VENV_BIN)
-    env.update(RAY_USAGE_STATS_ENABLED="0", VMRNN_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1",
-               HOME=str(tmp_path / "home"), PATH=path)
+    env.update(
+        RAY_USAGE_STATS_ENABLED="0",
+        VMRNN_CACHE_DIR=str(tmp_path / "cache"),
+        PYTHONUNBUFFERED="1",
+        HOME=str(tmp_path / "home"),
+        PATH=path,
+    )
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # the script sets it for its local Ray
     cmd = [sys.executable, str(REPO / "sweeps" / "taxibj.py"), "--smoke"]
     t0 = time.monotonic()
@@ -116,8 +127,13 @@ def test_smoke_sweep_on_embedded_defaults(tmp_path):
     assert "sweep taxibj-smoke" in out and "trial" in out and "best so far" in out  # the live table
     assert "registered: vmrnn-taxibj version 1 is the champion" in out
     # Quiet: no TensorBoard advice, no MLflow registration chatter, no database set-up notes.
-    for noise in ("TensorBoard", "already exists. Creating a new version", "Created version", "has no artifacts",
-                  "Creating initial MLflow database tables"):
+    for noise in (
+        "TensorBoard",
+        "already exists. Creating a new version",
+        "Created version",
+        "has no artifacts",
+        "Creating initial MLflow database tables",
+    ):
         assert noise not in first.stdout + first.stderr, noise
     # The state lives beside the store it reports to (each checkout its own).
     assert (clone / "mlflow.db").is_file() and (clone / "mlruns").is_dir()
@@ -135,9 +151,14 @@ def test_smoke_sweep_on_embedded_defaults(tmp_path):
     ui = _printed(out, "look with: ")
     assert ui == f"{VENV_BIN}/mlflow ui --backend-store-uri {uri}", ui
     port = free_port()
-    server = subprocess.Popen(["bash", "-c", ui], cwd=clone, env=dict(env, MLFLOW_PORT=str(port), MLFLOW_WORKERS="1",
-                              MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        ["bash", "-c", ui],
+        cwd=clone,
+        env=dict(env, MLFLOW_PORT=str(port), MLFLOW_WORKERS="1", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 120, what="the printed `mlflow ui`")
         search = f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/get-by-name?experiment_name=vmrnn-taxibj"
@@ -156,7 +177,8 @@ def test_smoke_sweep_on_embedded_defaults(tmp_path):
     again = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, (again.stdout + again.stderr)[-5000:]
     assert again.stdout.splitlines()[0] == (
-        "sweep taxibj-smoke already finished (3 trials, champion v1); use --name to start another"), again.stdout
+        "sweep taxibj-smoke already finished (3 trials, champion v1); use --name to start another"
+    ), again.stdout
     assert "Started a local Ray" not in again.stdout + again.stderr and time.monotonic() - t0 < 120
     after = client.get_run(parent.info.run_id)
     assert after.info.end_time == parent.info.end_time and after.info.status == "FINISHED"
@@ -168,8 +190,9 @@ def test_smoke_sweep_on_embedded_defaults(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     state = clone / "ray_results"
-    shared = subprocess.run([*cmd, "--storage-path", str(state)], cwd=other, env=env, capture_output=True, text=True,
-                            timeout=300)
+    shared = subprocess.run(
+        [*cmd, "--storage-path", str(state)], cwd=other, env=env, capture_output=True, text=True, timeout=300
+    )
     assert shared.returncode == 2, shared.stdout + shared.stderr
     error = shared.stderr.strip().splitlines()
     assert len(error) == 1 and f"pass --tracking-uri {uri} to resume it" in error[0], shared.stderr

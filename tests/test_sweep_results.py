@@ -30,8 +30,18 @@ CASES = {
 
 def _reports(trial_id: str, values: list[float], ended: bool) -> list[dict]:
     """What the training layer reports per epoch (epoch 0-based), as Tune records it."""
-    reports = [{"trial_id": trial_id, "epoch": e, "val_mse": v, "val_ssim": 0.5, "train_loss": v,
-                "training_iteration": e + 1, "done": False} for e, v in enumerate(values)]
+    reports = [
+        {
+            "trial_id": trial_id,
+            "epoch": e,
+            "val_mse": v,
+            "val_ssim": 0.5,
+            "train_loss": v,
+            "training_iteration": e + 1,
+            "done": False,
+        }
+        for e, v in enumerate(values)
+    ]
     if reports and ended:
         reports[-1]["done"] = True
     return reports
@@ -48,10 +58,13 @@ def trials():
             trial.update_last_result(report)
         trial.set_status(status)
         metrics = {**reports[-1], "config": dict(trial.config)} if reports else {}
-        result = Result(metrics=metrics, checkpoint=None,
-                        error=RuntimeError("worker died") if status == Trial.ERROR else None,
-                        path=f"/results/{SWEEP}/run_trial_{trial.trial_id}_0000{len(out)}_{len(out)}_lr=0.001_2026",
-                        metrics_dataframe=pd.DataFrame(reports) if reports else None)
+        result = Result(
+            metrics=metrics,
+            checkpoint=None,
+            error=RuntimeError("worker died") if status == Trial.ERROR else None,
+            path=f"/results/{SWEEP}/run_trial_{trial.trial_id}_0000{len(out)}_{len(out)}_lr=0.001_2026",
+            metrics_dataframe=pd.DataFrame(reports) if reports else None,
+        )
         out[name] = (trial, result, expected)
     return out
 
@@ -80,13 +93,21 @@ def test_mlflow_marking_and_rows_from_results(trials, tmp_path):
     runs = {}
     for name in ("finished", "pruned", "running"):
         tid = trials[name][0].trial_id
-        runs[name] = tracker.client.create_run(tracker.experiment_id, tags={
-            tags.TAG_RUN_KEY: run_key(SWEEP, tid), tags.TAG_TRIAL_ID: tid, "mlflow.parentRunId": parent_id}).info.run_id
+        runs[name] = tracker.client.create_run(
+            tracker.experiment_id,
+            tags={tags.TAG_RUN_KEY: run_key(SWEEP, tid), tags.TAG_TRIAL_ID: tid, "mlflow.parentRunId": parent_id},
+        ).info.run_id
     tracker.client.set_tag(runs["finished"], tags.TAG_MODEL_URI, "models:/m-123")
 
     # Tune's callbacks, as the driver's Tuner calls them when a trial ends.
-    bind_sweep(tracking_uri=uri, experiment="vmrnn-test", sweep=SWEEP, parent_run_id=parent_id, epochs=EPOCHS,
-               num_samples=len(trials))
+    bind_sweep(
+        tracking_uri=uri,
+        experiment="vmrnn-test",
+        sweep=SWEEP,
+        parent_run_id=parent_id,
+        epochs=EPOCHS,
+        num_samples=len(trials),
+    )
     callback = TrialStatusToMLflow(uri, "vmrnn-test", SWEEP, parent_id, EPOCHS)
     callback.setup()
     every = [t for t, _, _ in trials.values()]
@@ -105,8 +126,12 @@ def test_mlflow_marking_and_rows_from_results(trials, tmp_path):
     by_name = dict(zip(trials, rows))
     assert {n: r.status for n, r in by_name.items()} == {n: e for n, (_, _, e) in trials.items()}
     best = by_name["finished"]
-    assert (best.epochs_done, best.best_val_mse, best.best_epoch, best.history) == (3, 0.4, 2, [(0, 0.9), (1, 0.4),
-                                                                                                   (2, 0.5)])
+    assert (best.epochs_done, best.best_val_mse, best.best_epoch, best.history) == (
+        3,
+        0.4,
+        2,
+        [(0, 0.9), (1, 0.4), (2, 0.5)],
+    )
     assert best.best_metrics == {"val_mse": 0.4, "val_ssim": 0.5, "train_loss": 0.4, "epoch": 1.0}
     assert (best.mlflow_run_id, best.model_uri) == (runs["finished"], "models:/m-123")
     assert by_name["pruned"].model_uri is None and by_name["pruned"].epochs_done == 1

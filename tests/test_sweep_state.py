@@ -36,15 +36,21 @@ def test_default_tune_state_lives_beside_a_local_store(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------ agreement
 def _place(tmp_path: Path, uri: str = "") -> SweepPlace:
     storage = tmp_path / "ray_results"
-    return SweepPlace(name="s", storage_path=str(storage), exp_path=str(storage / "s"),
-                      tracking_uri=uri or f"sqlite:///{tmp_path}/mlflow.db", experiment="vmrnn-taxibj")
+    return SweepPlace(
+        name="s",
+        storage_path=str(storage),
+        exp_path=str(storage / "s"),
+        tracking_uri=uri or f"sqlite:///{tmp_path}/mlflow.db",
+        experiment="vmrnn-taxibj",
+    )
 
 
 def _parent(run_id: str = "r1", status: str = "RUNNING", sweep_status: str = "RUNNING", **more) -> SimpleNamespace:
     run_tags = {tags.TAG_SWEEP: "s", tags.TAG_SWEEP_STATUS: sweep_status, **more.pop("tags", {})}
-    return SimpleNamespace(info=SimpleNamespace(run_id=run_id, status=status),
-                           data=SimpleNamespace(tags=run_tags, metrics=more.pop("metrics", {}),
-                                                params=more.pop("params", {})))
+    return SimpleNamespace(
+        info=SimpleNamespace(run_id=run_id, status=status),
+        data=SimpleNamespace(tags=run_tags, metrics=more.pop("metrics", {}), params=more.pop("params", {})),
+    )
 
 
 def test_tune_state_resumes_only_with_the_parent_run_it_reported_to(tmp_path):
@@ -91,9 +97,14 @@ def test_a_finished_sweep_is_told_from_its_parent_run():
     assert finished_sweep(None) is None
     assert finished_sweep(_parent(status="RUNNING", sweep_status="RUNNING")) is None
     assert finished_sweep(_parent(status="KILLED", sweep_status="INTERRUPTED")) is None
-    done = finished_sweep(_parent(status="FINISHED", sweep_status="FINISHED",
-                                  metrics={"trials_finished": 2.0, "trials_pruned": 1.0, "trials_failed": 0.0},
-                                  tags={tags.TAG_REGISTERED: "vmrnn-taxibj/7@champion"}))
+    done = finished_sweep(
+        _parent(
+            status="FINISHED",
+            sweep_status="FINISHED",
+            metrics={"trials_finished": 2.0, "trials_pruned": 1.0, "trials_failed": 0.0},
+            tags={tags.TAG_REGISTERED: "vmrnn-taxibj/7@champion"},
+        )
+    )
     assert done.message() == "sweep s already finished (3 trials, champion v7); use --name to start another"
     done = finished_sweep(_parent(status="FINISHED", sweep_status="FINISHED", params={"sweep.num_samples": "4"}))
     assert done.message() == "sweep s already finished (4 trials, nothing registered); use --name to start another"
@@ -113,17 +124,18 @@ def test_printed_commands_run_from_the_users_shell(tmp_path):
     bin_dir = _venv(tmp_path)
     py, proj = str(bin_dir / "python"), str(tmp_path / "proj")
     # The venv never activated: its scripts by path, relative to the working directory inside it.
-    assert commands.tool("mlflow", "mlflow", executable=py, search_path="/usr/bin:/bin", cwd=proj) == \
-        ".venv/bin/mlflow"
-    assert commands.tool("mlflow", "mlflow", executable=py, search_path="/usr/bin", cwd=str(tmp_path / "else")) == \
-        str(bin_dir / "mlflow")
+    assert commands.tool("mlflow", "mlflow", executable=py, search_path="/usr/bin:/bin", cwd=proj) == ".venv/bin/mlflow"
+    assert commands.tool("mlflow", "mlflow", executable=py, search_path="/usr/bin", cwd=str(tmp_path / "else")) == str(
+        bin_dir / "mlflow"
+    )
     # Activated (its bin folder on PATH): bare names.
     assert commands.tool("vmrnn", "vmrnn", executable=py, search_path=f"{bin_dir}:/usr/bin", cwd=proj) == "vmrnn"
     assert commands.python(executable=py, search_path=f"{bin_dir}:/usr/bin", cwd=proj) == "python"
     # No console script in the environment (a checkout run without `pip install -e .`): `python -m`.
     (bin_dir / "vmrnn").unlink()
-    assert commands.tool("vmrnn", "vmrnn", executable=py, search_path="/usr/bin", cwd=proj) == \
-        ".venv/bin/python -m vmrnn"
+    assert (
+        commands.tool("vmrnn", "vmrnn", executable=py, search_path="/usr/bin", cwd=proj) == ".venv/bin/python -m vmrnn"
+    )
 
 
 def test_this_environments_mlflow_runs_as_printed_without_the_venv_on_path(tmp_path):
@@ -131,8 +143,13 @@ def test_this_environments_mlflow_runs_as_printed_without_the_venv_on_path(tmp_p
     path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != venv_bin)
     line = commands.tool("mlflow", "mlflow", search_path=path, cwd=str(tmp_path))
     assert line == f"{venv_bin}/mlflow"
-    ran = subprocess.run(["bash", "-c", f"{line} --version"], env=dict(os.environ, PATH=path), capture_output=True,
-                         text=True, timeout=120)
+    ran = subprocess.run(
+        ["bash", "-c", f"{line} --version"],
+        env=dict(os.environ, PATH=path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ran.returncode == 0 and "mlflow" in ran.stdout.lower(), ran.stderr
 
 

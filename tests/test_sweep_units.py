@@ -26,8 +26,7 @@ def test_every_space_is_trainable_and_holds_its_official_point(name, smoke):
     spec = SPECS[name]
     space, official = spec.space_for(smoke), spec.official_for(smoke)
     spaces.validate(space, official, spec.resolved_preset(smoke))  # every model combination builds
-    for key in ("lr", "warmup_epochs", "weight_decay", "batch_size", "embed_dim", "d_state", "patch_size",
-                "drop_path"):
+    for key in ("lr", "warmup_epochs", "weight_decay", "batch_size", "embed_dim", "d_state", "patch_size", "drop_path"):
         assert key in space
     assert ("depths" if name == "mmnist" else "depth") in space
     from vmrnn.models import get_preset
@@ -71,9 +70,15 @@ def test_settings_defaults_smoke_and_resume():
     assert (s["epochs"], s["num_samples"], s["workers_per_trial"], s["preset"]) == (2, 3, 2, "taxibj-tiny")
     assert s["data_dir"].endswith("taxibj-small-seed0")
     # 2 cores run two smoke trials at once (1 CPU each: the driver's 0.5 and 2 workers x 0.25).
-    plan = plan_resources(ClusterInfo("local", "x", None, cpus=2, gpus=0), workers_per_trial=s["workers_per_trial"],
-                          gpus_per_worker=s["gpus_per_worker"], cpus_per_worker=s["cpus_per_worker"],
-                          max_concurrent=None, num_samples=s["num_samples"], driver_cpus=s["trial_cpus"])
+    plan = plan_resources(
+        ClusterInfo("local", "x", None, cpus=2, gpus=0),
+        workers_per_trial=s["workers_per_trial"],
+        gpus_per_worker=s["gpus_per_worker"],
+        cpus_per_worker=s["cpus_per_worker"],
+        max_concurrent=None,
+        num_samples=s["num_samples"],
+        driver_cpus=s["trial_cpus"],
+    )
     assert plan.max_concurrent == 2 and plan.per_worker == {"CPU": 0.25}
     real = resolve_settings(spec, _args(data_dir="/data"), {})
     assert (real["epochs"], real["num_samples"], real["grace_period"], real["preset"]) == (50, 32, 6, "taxibj")
@@ -89,26 +94,39 @@ def test_settings_defaults_smoke_and_resume():
 
 def test_resource_plan():
     cpu2 = ClusterInfo("local", "x", None, cpus=2, gpus=0)
-    p = plan_resources(cpu2, workers_per_trial=2, gpus_per_worker=None, cpus_per_worker=None,
-                       max_concurrent=None, num_samples=3)
+    p = plan_resources(
+        cpu2, workers_per_trial=2, gpus_per_worker=None, cpus_per_worker=None, max_concurrent=None, num_samples=3
+    )
     assert (p.use_gpu, p.per_worker, p.max_concurrent) == (False, {"CPU": 0.5}, 1)
     gpu8 = ClusterInfo("cluster", "x", None, cpus=64, gpus=8)
-    p = plan_resources(gpu8, workers_per_trial=2, gpus_per_worker=None, cpus_per_worker=None,
-                       max_concurrent=None, num_samples=32)
+    p = plan_resources(
+        gpu8, workers_per_trial=2, gpus_per_worker=None, cpus_per_worker=None, max_concurrent=None, num_samples=32
+    )
     assert (p.use_gpu, p.per_worker, p.max_concurrent) == (True, {"CPU": 1.0, "GPU": 1.0}, 4)
-    p = plan_resources(gpu8, workers_per_trial=1, gpus_per_worker=0.5, cpus_per_worker=None,
-                       max_concurrent=None, num_samples=32)
+    p = plan_resources(
+        gpu8, workers_per_trial=1, gpus_per_worker=0.5, cpus_per_worker=None, max_concurrent=None, num_samples=32
+    )
     assert p.max_concurrent == 16
-    assert plan_resources(gpu8, workers_per_trial=1, gpus_per_worker=1, cpus_per_worker=None,
-                          max_concurrent=3, num_samples=32).max_concurrent == 3
-    assert plan_resources(gpu8, workers_per_trial=1, gpus_per_worker=1, cpus_per_worker=None,
-                          max_concurrent=None, num_samples=2).max_concurrent == 2
+    assert (
+        plan_resources(
+            gpu8, workers_per_trial=1, gpus_per_worker=1, cpus_per_worker=None, max_concurrent=3, num_samples=32
+        ).max_concurrent
+        == 3
+    )
+    assert (
+        plan_resources(
+            gpu8, workers_per_trial=1, gpus_per_worker=1, cpus_per_worker=None, max_concurrent=None, num_samples=2
+        ).max_concurrent
+        == 2
+    )
     with pytest.raises(ValueError, match="GPU"):
-        plan_resources(cpu2, workers_per_trial=1, gpus_per_worker=1, cpus_per_worker=None,
-                       max_concurrent=None, num_samples=2)
+        plan_resources(
+            cpu2, workers_per_trial=1, gpus_per_worker=1, cpus_per_worker=None, max_concurrent=None, num_samples=2
+        )
     with pytest.raises(ValueError, match="CPU"):
-        plan_resources(cpu2, workers_per_trial=4, gpus_per_worker=0, cpus_per_worker=0.5,
-                       max_concurrent=None, num_samples=2)
+        plan_resources(
+            cpu2, workers_per_trial=4, gpus_per_worker=0, cpus_per_worker=0.5, max_concurrent=None, num_samples=2
+        )
 
 
 class _Trial:
@@ -137,9 +155,11 @@ def test_results_table_rows_and_study():
     space = SPECS["taxibj"].smoke_space
     point = dict(SPECS["taxibj"].smoke_official)
     other = dict(point, lr=3e-3, embed_dim=32)
-    rows = [TrialRow("a", D.TRIAL_FINISHED, point, 2, 0.5, 2, {"val_mse": 0.5}, [(0, 0.7), (1, 0.5)]),
-            TrialRow("b", D.TRIAL_PRUNED, other, 1, 0.9, 1, {"val_mse": 0.9}, [(0, 0.9)]),
-            TrialRow("c", D.TRIAL_FAILED, other, 0, None, None, {}, [], error="boom")]
+    rows = [
+        TrialRow("a", D.TRIAL_FINISHED, point, 2, 0.5, 2, {"val_mse": 0.5}, [(0, 0.7), (1, 0.5)]),
+        TrialRow("b", D.TRIAL_PRUNED, other, 1, 0.9, 1, {"val_mse": 0.9}, [(0, 0.9)]),
+        TrialRow("c", D.TRIAL_FAILED, other, 0, None, None, {}, [], error="boom"),
+    ]
     study = study_from_rows(rows, space)
     states = [t.state.name for t in study.trials]
     assert states == ["COMPLETE", "COMPLETE", "FAIL"]  # as TPE saw them: pruned with its last value
@@ -152,7 +172,17 @@ def test_help_names_every_flag(capsys):
     with pytest.raises(SystemExit):
         build_parser(SPECS["kth"]).parse_args(["--help"])
     out = capsys.readouterr().out
-    for flag in ("--data-dir", "--num-samples", "--max-concurrent", "--workers-per-trial", "--gpus-per-worker",
-                 "--epochs", "--name", "--storage-path", "--tracking-uri", "--smoke"):
+    for flag in (
+        "--data-dir",
+        "--num-samples",
+        "--max-concurrent",
+        "--workers-per-trial",
+        "--gpus-per-worker",
+        "--epochs",
+        "--name",
+        "--storage-path",
+        "--tracking-uri",
+        "--smoke",
+    ):
         assert flag in out
     assert isinstance(build_parser(SPECS["mmnist"]).parse_args(["--smoke"]), argparse.Namespace)

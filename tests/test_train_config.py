@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from test_train_helpers import write_taxibj
 
+from test_train_helpers import write_taxibj
 from vmrnn.models import ConfigError, build_model
 from vmrnn.tracking.runs import config_params
 from vmrnn.tracking.tags import redact
@@ -17,18 +17,37 @@ from vmrnn.train.schedule import LRSchedule, build_optimizer, cosine_lr
 
 
 def test_from_dict_coerces_and_round_trips():
-    cfg = TrainConfig.from_dict({"dataset": "taxibj", "data_dir": "d", "epochs": "5", "lr": "1e-3",
-                                 "grad_clip": "none", "checkpoint_steps": "true", "model": '{"depth": 4}'})
+    cfg = TrainConfig.from_dict(
+        {
+            "dataset": "taxibj",
+            "data_dir": "d",
+            "epochs": "5",
+            "lr": "1e-3",
+            "grad_clip": "none",
+            "checkpoint_steps": "true",
+            "model": '{"depth": 4}',
+        }
+    )
     assert (cfg.epochs, cfg.lr, cfg.grad_clip, cfg.checkpoint_steps, cfg.model) == (5, 1e-3, None, True, {"depth": 4})
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
-@pytest.mark.parametrize("bad, field", [
-    ({"lr": -1}, "lr"), ({"epochs": 0}, "epochs"), ({"optimizer": "sgd"}, "optimizer"),
-    ({"precision": "fp16"}, "precision"), ({"batch_size": 2.5}, "batch_size"), ({"lr": "fast"}, "lr"),
-    ({"device": "tpu"}, "device"), ({"schedule": "linear"}, "schedule"), ({"grad_clip": 0}, "grad_clip"),
-    ({"bogus": 1}, "bogus"), ({"lr": float("nan")}, "lr"),
-])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"lr": -1}, "lr"),
+        ({"epochs": 0}, "epochs"),
+        ({"optimizer": "sgd"}, "optimizer"),
+        ({"precision": "fp16"}, "precision"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"lr": "fast"}, "lr"),
+        ({"device": "tpu"}, "device"),
+        ({"schedule": "linear"}, "schedule"),
+        ({"grad_clip": 0}, "grad_clip"),
+        ({"bogus": 1}, "bogus"),
+        ({"lr": float("nan")}, "lr"),
+    ],
+)
 def test_bad_values_name_the_field(bad, field):
     with pytest.raises(TrainConfigError, match=field) as ei:
         TrainConfig.from_dict({"dataset": "taxibj", "data_dir": "d", **bad})
@@ -60,16 +79,29 @@ def test_resolved_fills_recipe_and_checks_model_shape(tmp_path, monkeypatch):
 
 
 def test_apply_overrides_parses_values():
-    d = apply_overrides({"dataset": "taxibj"}, ["lr=1e-3", "grad_clip=null", "model.depth=4", "tags.team=a=b",
-                                               "checkpoint-steps=true", "run_name=abc"])
-    assert d == {"dataset": "taxibj", "lr": 1e-3, "grad_clip": None, "model": {"depth": 4},
-                 "tags": {"team": "a=b"}, "checkpoint_steps": True, "run_name": "abc"}
+    d = apply_overrides(
+        {"dataset": "taxibj"},
+        ["lr=1e-3", "grad_clip=null", "model.depth=4", "tags.team=a=b", "checkpoint-steps=true", "run_name=abc"],
+    )
+    assert d == {
+        "dataset": "taxibj",
+        "lr": 1e-3,
+        "grad_clip": None,
+        "model": {"depth": 4},
+        "tags": {"team": "a=b"},
+        "checkpoint_steps": True,
+        "run_name": "abc",
+    }
     with pytest.raises(TrainConfigError, match="unknown"):
         apply_overrides({}, ["nope=1"])
     with pytest.raises(TrainConfigError, match="key=value"):
         apply_overrides({}, ["lr"])
-    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None, "e": {}}) == {"a.b": "1", "a.c": "[1, 2]", "d": "None",
-                                                                       "e": "{}"}
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None, "e": {}}) == {
+        "a.b": "1",
+        "a.c": "[1, 2]",
+        "d": "None",
+        "e": "{}",
+    }
 
 
 def test_cosine_schedule_is_timm_0_6_per_epoch():
@@ -96,15 +128,22 @@ def test_cosine_schedule_is_timm_0_6_per_epoch():
 
 def test_adamw_excludes_no_decay_norms_and_biases():
     model = build_model("taxibj-tiny")
-    cfg = TrainConfig.from_dict({"dataset": "taxibj", "data_dir": "d", "lr": 1e-3, "optimizer": "adamw",
-                                 "weight_decay": 0.05})
+    cfg = TrainConfig.from_dict(
+        {"dataset": "taxibj", "data_dir": "d", "lr": 1e-3, "optimizer": "adamw", "weight_decay": 0.05}
+    )
     opt = build_optimizer(model, cfg)
     assert isinstance(opt, torch.optim.AdamW)
     decay = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {n: id(p) in decay for n, p in model.named_parameters()}
     assert names["cell.blocks.0.mixer.in_proj.weight"] and names["cell.blocks.0.mixer.x_proj"]
-    for n in ("cell.blocks.0.mixer.A_log", "cell.blocks.0.mixer.skip", "cell.blocks.0.mixer.dt_bias",
-              "cell.blocks.0.norm.weight", "embed.proj.bias", "head.up.1.weight"):
+    for n in (
+        "cell.blocks.0.mixer.A_log",
+        "cell.blocks.0.mixer.skip",
+        "cell.blocks.0.mixer.dt_bias",
+        "cell.blocks.0.norm.weight",
+        "embed.proj.bias",
+        "head.up.1.weight",
+    ):
         assert not names[n], n
     adam = build_optimizer(model, cfg.replace(optimizer="adam", weight_decay=0.0))
     assert type(adam) is torch.optim.Adam and len(adam.param_groups) == 1  # the official: one group
@@ -115,9 +154,15 @@ def test_secrets_are_redacted():
     assert redact("tags.api_token", "x") == "***"
     assert redact("run_key", "abc") == "abc"
     assert strip_credentials("http://user:pw@host:5000/x") == "http://host:5000/x"
-    cfg = TrainConfig.from_dict({"dataset": "taxibj", "data_dir": "d", "preset": "taxibj-tiny",
-                                 "tracking_uri": "https://bob:hunter2@mlflow.example:443",
-                                 "tags": {"db_password": "hunter2", "team": "a"}})
+    cfg = TrainConfig.from_dict(
+        {
+            "dataset": "taxibj",
+            "data_dir": "d",
+            "preset": "taxibj-tiny",
+            "tracking_uri": "https://bob:hunter2@mlflow.example:443",
+            "tags": {"db_password": "hunter2", "team": "a"},
+        }
+    )
     params = config_params(cfg)
     assert "hunter2" not in " ".join(params.values())
     assert params["tags.team"] == "a" and params["model_config.depth"] == "2"

@@ -105,8 +105,20 @@ def test_checkpoint_contents(baseline):
     for f in (STATE_FILE, BEST_FILE, CONFIG_FILE, METRICS_FILE):
         assert (d / f).exists(), f
     st = load_state(d)
-    assert {"epoch", "model", "optimizer", "scheduler", "rng", "history", "best_epoch", "best_val_mse", "config",
-            "model_config", "mlflow_run_id", "world_size"} <= set(st)
+    assert {
+        "epoch",
+        "model",
+        "optimizer",
+        "scheduler",
+        "rng",
+        "history",
+        "best_epoch",
+        "best_val_mse",
+        "config",
+        "model_config",
+        "mlflow_run_id",
+        "world_size",
+    } <= set(st)
     assert st["config"]["run_key"] and st["config"]["preset"] == "taxibj-tiny"
     meta = json.loads((d / CONFIG_FILE).read_text())
     assert meta["dataset"]["in_frames"] == 4 and meta["model"]["embed_dim"] == 16
@@ -144,17 +156,32 @@ def test_cli_evaluate_and_predict_from_checkpoint(baseline, data_root, tmp_path,
 
     x = build_dataset("taxibj", data_root, "test")[0][0].numpy()
     np.save(tmp_path / "seq.npy", x)
-    assert cli_main(["predict", "--model", ck, "--input", str(tmp_path / "seq.npy"), "--out",
-                     str(tmp_path / "pred.npy"), "--n-future", "6"]) == 0
+    assert (
+        cli_main(
+            [
+                "predict",
+                "--model",
+                ck,
+                "--input",
+                str(tmp_path / "seq.npy"),
+                "--out",
+                str(tmp_path / "pred.npy"),
+                "--n-future",
+                "6",
+            ]
+        )
+        == 0
+    )
     pred = np.load(tmp_path / "pred.npy")
     assert pred.shape == (6, 2, 32, 32) and pred.dtype == np.float32
     ref = load_forecaster(ck).predict(x[None])[0]
     np.testing.assert_allclose(pred[:4], ref, rtol=0, atol=1e-6)
 
     np.save(tmp_path / "bad.npy", x * 3)
-    assert cli_main(["predict", "--model", ck, "--input", str(tmp_path / "bad.npy"), "--out",
-                     str(tmp_path / "p2.npy")]) == 2
+    assert (
+        cli_main(["predict", "--model", ck, "--input", str(tmp_path / "bad.npy"), "--out", str(tmp_path / "p2.npy")])
+        == 2
+    )
     assert "[0, 1]" in capsys.readouterr().err
-    assert cli_main(["train", "--dataset", "taxibj", "--data-dir", str(data_root), "--no-ray",
-                     "--set", "lr=-1"]) == 2
+    assert cli_main(["train", "--dataset", "taxibj", "--data-dir", str(data_root), "--no-ray", "--set", "lr=-1"]) == 2
     assert "'lr'" in capsys.readouterr().err

@@ -24,8 +24,19 @@ def write_taxibj(root: Path) -> Path:
 
 def tiny_cfg(data_dir: Path, **kw) -> TrainConfig:
     """A tiny VMRNN-B on synthetic TaxiBJ: a few seconds per epoch on one CPU core."""
-    d = dict(dataset="taxibj", data_dir=str(data_dir), preset="taxibj-tiny", epochs=3, batch_size=4,
-             val_batch_size=4, lr=3e-3, warmup_epochs=1, max_train_batches=3, tracking=False, seed=7)
+    d = dict(
+        dataset="taxibj",
+        data_dir=str(data_dir),
+        preset="taxibj-tiny",
+        epochs=3,
+        batch_size=4,
+        val_batch_size=4,
+        lr=3e-3,
+        warmup_epochs=1,
+        max_train_batches=3,
+        tracking=False,
+        seed=7,
+    )
     d.update(kw)
     return TrainConfig.from_dict(d)
 
@@ -45,6 +56,7 @@ def copy_tree(src: Path, dst: Path) -> Path:
 
 
 # ---------------------------------------------------------------------- multi-process workers (spawned)
+
 
 def _init_gloo(rank: int, world: int, init_file: str) -> None:
     import torch.distributed as dist

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from procs import MlflowServer, free_port
 from test_train_helpers import tiny_cfg, write_taxibj
-
 from vmrnn.data import build_dataset
 from vmrnn.tracking.models import load_forecaster
 from vmrnn.tracking.tags import TAG_RUN_KEY
@@ -54,8 +54,16 @@ def test_mlflow_run_has_params_every_epoch_images_and_a_loadable_model(data_root
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # for MLflow's own loaders below
     monkeypatch.setattr(tempfile, "tempdir", str((tmp_path / "tmp").resolve()))  # this test's own /tmp
     (tmp_path / "tmp").mkdir()
-    cfg = tiny_cfg(data_root, epochs=2, tracking=True, tracking_uri=uri, experiment="t-local", run_name="r1",
-                   tags={"team": "vision"}, checkpoint_dir=str(tmp_path / "ck"))
+    cfg = tiny_cfg(
+        data_root,
+        epochs=2,
+        tracking=True,
+        tracking_uri=uri,
+        experiment="t-local",
+        run_name="r1",
+        tags={"team": "vision"},
+        checkpoint_dir=str(tmp_path / "ck"),
+    )
     res = train(cfg)
     assert not list((tmp_path / "tmp").glob("vmrnn-mlflow-*")), "the run's temporary upload folders are gone"
     client = MlflowClient(uri)
@@ -82,7 +90,8 @@ def test_mlflow_run_has_params_every_epoch_images_and_a_loadable_model(data_root
     arts = {a.path for a in client.list_artifacts(res.run_id, "forecasts")}
     assert arts == {"forecasts/forecast_strip.png", "forecasts/forecast.gif"}
     assert {"metrics/lead_time_metrics.png", "metrics/test_metrics.json"} <= {
-        a.path for a in client.list_artifacts(res.run_id, "metrics")}
+        a.path for a in client.list_artifacts(res.run_id, "metrics")
+    }
     strip = client.download_artifacts(res.run_id, "forecasts/forecast_strip.png", str(tmp_path))
     from PIL import Image
 
@@ -108,13 +117,20 @@ def test_mlflow_run_has_params_every_epoch_images_and_a_loadable_model(data_root
 
 def test_resumed_run_continues_the_same_mlflow_run_once_per_epoch(data_root, tmp_path):
     uri = _store(tmp_path)
-    common = dict(epochs=3, experiment="t-resume", checkpoint_dir=str(tmp_path / "ck"), log_model=False,
-                  log_images=False, run_key="key-123")
+    common = dict(
+        epochs=3,
+        experiment="t-resume",
+        checkpoint_dir=str(tmp_path / "ck"),
+        log_model=False,
+        log_images=False,
+        run_key="key-123",
+    )
 
     def stop_at(epoch):
         def cb(res):
             if res.epoch == epoch:
                 raise TrainingStopped()
+
         return cb
 
     # Epochs 0-1 with tracking off (as if every MLflow write was lost), stopped after epoch 1 ...
@@ -146,21 +162,33 @@ def test_a_stopped_run_leaves_no_temporary_folders(data_root, tmp_path, monkeypa
     def stop(res):
         raise TrainingStopped()
 
-    cfg = tiny_cfg(data_root, epochs=2, tracking=True, tracking_uri=_store(tmp_path), experiment="t-stop",
-                   log_model=False)
+    cfg = tiny_cfg(
+        data_root, epochs=2, tracking=True, tracking_uri=_store(tmp_path), experiment="t-stop", log_model=False
+    )
     with pytest.raises(TrainingStopped):
         train(cfg, on_epoch_end=stop)
     client = MlflowClient(_store(tmp_path))
     run = client.search_runs([client.get_experiment_by_name("t-stop").experiment_id])[0]
     assert {a.path for a in client.list_artifacts(run.info.run_id, "forecasts")} == {
-        "forecasts/forecast_strip.png", "forecasts/forecast.gif"}
+        "forecasts/forecast_strip.png",
+        "forecasts/forecast.gif",
+    }
     assert not list((tmp_path / "tmp").glob("vmrnn-mlflow-*"))
 
 
 def test_divergence_marks_the_run_failed_with_the_reason(data_root, tmp_path):
     uri = _store(tmp_path)
-    cfg = tiny_cfg(data_root, lr=1e10, warmup_epochs=0, epochs=1, max_train_batches=8, tracking=True,
-                   tracking_uri=uri, experiment="t-nan", log_model=False)
+    cfg = tiny_cfg(
+        data_root,
+        lr=1e10,
+        warmup_epochs=0,
+        epochs=1,
+        max_train_batches=8,
+        tracking=True,
+        tracking_uri=uri,
+        experiment="t-nan",
+        log_model=False,
+    )
     with pytest.raises(TrainingDiverged):
         train(cfg)
     client = MlflowClient(uri)
@@ -202,8 +230,11 @@ def test_one_experiment_rule_for_training_and_sweeps(data_root, tmp_path, monkey
         assert "nested run per trial" in exp_tags["mlflow.note.content"]
     # ... also one created by MLflow itself (or an older vmrnn) when vmrnn first uses it; a kind chosen is kept
     bare = client.create_experiment("t-bare", artifact_location=str(tmp_path / "store" / "mlruns" / "t-bare"))
-    chosen = client.create_experiment("t-chosen", artifact_location=str(tmp_path / "store" / "mlruns" / "t-chosen"),
-                                      tags={"mlflow.experimentKind": "genai_development"})
+    chosen = client.create_experiment(
+        "t-chosen",
+        artifact_location=str(tmp_path / "store" / "mlruns" / "t-chosen"),
+        tags={"mlflow.experimentKind": "genai_development"},
+    )
     ensure_experiment(uri, "t-bare"), ensure_experiment(uri, "t-chosen")
     assert client.get_experiment(bare).tags["mlflow.experimentKind"] == "custom_model_development"
     assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
@@ -225,14 +256,22 @@ def test_real_mlflow_server_with_an_outage_mid_run(data_root, tmp_path, monkeypa
     server = MlflowServer(tmp_path / "srv").start()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
     try:
+
         def outage(res):
             if res.epoch == 0:
                 server.stop()
             elif res.epoch == 1:
                 server.start()
 
-        cfg = tiny_cfg(data_root, epochs=3, tracking=True, tracking_uri=server.uri, experiment="t-server",
-                       model_format="pickle", checkpoint_dir=str(tmp_path / "ck"))
+        cfg = tiny_cfg(
+            data_root,
+            epochs=3,
+            tracking=True,
+            tracking_uri=server.uri,
+            experiment="t-server",
+            model_format="pickle",
+            checkpoint_dir=str(tmp_path / "ck"),
+        )
         res = train(cfg, on_epoch_end=outage)
         client = MlflowClient(server.uri)
         run = client.get_run(res.run_id)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train_helpers import ddp_train_worker, spawn, state_equal, strip_times, tiny_cfg, write_taxibj
 
+from test_train_helpers import ddp_train_worker, spawn, state_equal, strip_times, tiny_cfg, write_taxibj
 from vmrnn.train.checkpoint import load_state
 from vmrnn.train.loop import REPORTED_KEYS, TrainingDiverged
 
@@ -29,12 +29,14 @@ def test_two_workers_learn_survive_a_killed_worker_and_match_plain_ddp(local_ray
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = tiny_cfg(data_root, epochs=3, tracking=True, tracking_uri=uri, experiment="t-ray", log_model=False)
     marker = tmp_path / "killed"
-    run_config = RunConfig(name="ray-run", storage_path=str(tmp_path / "ray"),
-                           failure_config=FailureConfig(max_failures=1),
-                           checkpoint_config=CheckpointConfig(num_to_keep=2),
-                           callbacks=[KillWorkerAfterReport(rank=1, reports=2, marker=marker)])  # after epoch 1
-    trainer = build_trainer(cfg, num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5},
-                            run_config=run_config)
+    run_config = RunConfig(
+        name="ray-run",
+        storage_path=str(tmp_path / "ray"),
+        failure_config=FailureConfig(max_failures=1),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+        callbacks=[KillWorkerAfterReport(rank=1, reports=2, marker=marker)],
+    )  # after epoch 1
+    trainer = build_trainer(cfg, num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}, run_config=run_config)
     result = trainer.fit()
 
     assert marker.exists()  # rank 1 really died (SIGKILL) after reporting epoch 1 ...
@@ -64,5 +66,12 @@ def test_two_workers_learn_survive_a_killed_worker_and_match_plain_ddp(local_ray
 def test_divergence_is_reported_not_retried(local_ray, data_root, tmp_path):
     cfg = tiny_cfg(data_root, lr=1e10, warmup_epochs=0, epochs=2, max_train_batches=8)
     with pytest.raises(TrainingDiverged, match="epoch 0"):
-        fit(cfg, num_workers=1, resources_per_worker={"CPU": 0.5}, storage_path=str(tmp_path / "ray"),
-            name="nan", max_failures=2, progress=False)
+        fit(
+            cfg,
+            num_workers=1,
+            resources_per_worker={"CPU": 0.5},
+            storage_path=str(tmp_path / "ray"),
+            name="nan",
+            max_failures=2,
+            progress=False,
+        )

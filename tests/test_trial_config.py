@@ -5,31 +5,49 @@ from __future__ import annotations
 
 import pytest
 from ray.train import RunConfig
-from test_train_helpers import write_taxibj
 
+from test_train_helpers import write_taxibj
 from vmrnn.tracking import tags
 from vmrnn.train.config import TrainConfig, TrainConfigError
 from vmrnn.train.loop import run_training
 from vmrnn.train.ray_train import build_trainer
-from vmrnn.tune import defaults as D
 from vmrnn.tune.trial import TrialSetup, trial_train_config
 
 
 def test_a_trial_config_is_resolved_once_and_reaches_the_workers_resolved(tmp_path, monkeypatch):
     data = write_taxibj(tmp_path / "data")
-    setup = TrialSetup(sweep="s", base={"dataset": "taxibj", "data_dir": str(data), "preset": "taxibj-tiny",
-                                        "epochs": 2, "seed": 0, "tracking_uri": f"sqlite:///{tmp_path / 'm.db'}",
-                                        "experiment": "vmrnn-taxibj", "device": "cpu", "grad_clip": 1.0},
-                       num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5},
-                       train_storage_path=str(tmp_path / "train_runs"), tags={tags.TAG_EVAL_DATA: "synthetic"})
+    setup = TrialSetup(
+        sweep="s",
+        base={
+            "dataset": "taxibj",
+            "data_dir": str(data),
+            "preset": "taxibj-tiny",
+            "epochs": 2,
+            "seed": 0,
+            "tracking_uri": f"sqlite:///{tmp_path / 'm.db'}",
+            "experiment": "vmrnn-taxibj",
+            "device": "cpu",
+            "grad_clip": 1.0,
+        },
+        num_workers=2,
+        use_gpu=False,
+        resources_per_worker={"CPU": 0.5},
+        train_storage_path=str(tmp_path / "train_runs"),
+        tags={tags.TAG_EVAL_DATA: "synthetic"},
+    )
     cfg = trial_train_config(setup, {"lr": 2e-3, "batch_size": 4, "embed_dim": 32, "depth": 1}, "abc")
     assert not cfg.is_resolved  # val_batch_size comes from the dataset's recipe
 
     calls = []
     resolve = TrainConfig.resolved
     monkeypatch.setattr(TrainConfig, "resolved", lambda self: calls.append(self.run_key) or resolve(self))
-    trainer = build_trainer(cfg, num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5},
-                            run_config=RunConfig(name="train-abc", storage_path=str(tmp_path / "train_runs")))
+    trainer = build_trainer(
+        cfg,
+        num_workers=2,
+        use_gpu=False,
+        resources_per_worker={"CPU": 0.5},
+        run_config=RunConfig(name="train-abc", storage_path=str(tmp_path / "train_runs")),
+    )
     assert calls == ["s/abc"]
 
     sent = TrainConfig.from_dict(trainer.train_loop_config["train_config"])
@@ -47,8 +65,15 @@ def test_the_cli_path_prepares_once_before_fit_prepares_again(tmp_path, monkeypa
     from vmrnn.train.ray_train import prepare_config
 
     data = write_taxibj(tmp_path / "data")
-    cfg = TrainConfig.from_dict({"dataset": "taxibj", "data_dir": str(data), "preset": "taxibj-tiny",
-                                 "tracking_uri": f"sqlite:///{tmp_path / 'm.db'}", "device": "cpu"})
+    cfg = TrainConfig.from_dict(
+        {
+            "dataset": "taxibj",
+            "data_dir": str(data),
+            "preset": "taxibj-tiny",
+            "tracking_uri": f"sqlite:///{tmp_path / 'm.db'}",
+            "device": "cpu",
+        }
+    )
     calls = []
     resolve = TrainConfig.resolved
     monkeypatch.setattr(TrainConfig, "resolved", lambda self: calls.append(1) or resolve(self))

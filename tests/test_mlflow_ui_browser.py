@@ -27,7 +27,7 @@ import pytest
 
 from browser import Browser, chromium_path
 from conftest import REPO
-from procs import free_port, kill_processes_mentioning, start_mlflow_server, stop_group
+from procs import MlflowServer, free_port, kill_processes_mentioning
 from vmrnn.tracking import tags as T
 from vmrnn.tracking.experiments import ui_url
 from vmrnn.tune import defaults as D
@@ -115,7 +115,8 @@ def test_mlflow_ui_in_a_browser(sweep):
         [exp.experiment_id], filter_string=f"tags.`{T.TAG_PARENT_RUN}` = '{parent.info.run_id}'"
     )
     port = free_port()
-    server = start_mlflow_server(sweep["root"], port)  # serves the UI; the store is the sweep's mlflow.db
+    # serves the UI; the store is the sweep's mlflow.db
+    server = MlflowServer(sweep["root"], port, serve_artifacts=True).start()
     browser = None
     try:
         browser = Browser(sweep["root"] / "chromium")
@@ -125,7 +126,7 @@ def test_mlflow_ui_in_a_browser(sweep):
     finally:
         if browser is not None:
             browser.stop()
-        stop_group(server)
+        server.stop()
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if os.environ.get("VMRNN_UPDATE_SCREENSHOT"):
         small_png(shot, SCREENSHOT)

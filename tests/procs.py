@@ -255,9 +255,13 @@ def start_ray_head(root: Path, env: dict[str, str], num_cpus: int = 2) -> RayHea
     """A head node of `num_cpus` CPUs and no GPU; returns once its job server answers.
 
     Every port Ray would otherwise take at a fixed default (GCS 6379, dashboard 8265, its agent 52365, the
-    client server 10001) is a free one: another Ray on this machine must not take the job agent's port."""
+    client server 10001) is a free one: another Ray on this machine must not take the job agent's port.
+    Its processes get RAY_ADDRESS of this head: Ray's State API, called without an address inside Ray Train's
+    detached PlacementGroupCleaner, refuses to guess when several Rays run on one machine (a shared test
+    machine; a cluster node runs one), and the cleaner then never exits."""
     gcs_port, dash_port, agent_port, client_port = (free_port() for _ in range(4))
     temp_dir = ray_temp_dir()
+    head_env = dict(env, RAY_ADDRESS=f"127.0.0.1:{gcs_port}")
     with open(root / "ray-head.log", "ab") as log:
         proc = subprocess.Popen(
             [
@@ -285,7 +289,7 @@ def start_ray_head(root: Path, env: dict[str, str], num_cpus: int = 2) -> RayHea
                 str(temp_dir),
                 "--disable-usage-stats",
             ],
-            env=env,
+            env=head_env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

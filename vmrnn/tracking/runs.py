@@ -14,9 +14,9 @@ metrics and artifacts are buffered and retried with exponential back-off (1 s ..
 `finish()` keeps trying for VMRNN_MLFLOW_FLUSH_TIMEOUT_S (default 60 s), then writes what is still unsent
 to a JSON file and warns.
 
-Pictures and JSON files are drawn into a temporary folder per upload, removed once MLflow has them (or
-when a newer picture replaces one still waiting): a run that is killed (an ASHA-pruned trial) or stopped
-leaves nothing behind in /tmp.
+Pictures and JSON files are made in memory and held there while they wait to be sent; a temporary folder
+exists only for the moment of each upload. A run that is killed (Ray kills an ASHA-pruned trial's workers)
+or stopped leaves nothing behind in /tmp.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -84,11 +83,6 @@ class _Op:
     desc: str
     fn: Callable[[], Any]
     key: str | None = None  # a later op with the same key replaces a pending one
-    files: Path | None = None  # its temporary folder, removed once the op is done or replaced
-
-    def discard(self) -> None:
-        if self.files is not None:
-            shutil.rmtree(self.files, ignore_errors=True)
 
 
 class RunTracker:
@@ -203,9 +197,7 @@ class RunTracker:
     # ---- buffered sending
     def _submit(self, op: _Op) -> None:
         if op.key is not None:
-            for old in [o for o in self._ops if o.key == op.key]:
-                old.discard()
-                self._ops.remove(old)
+            self._ops = [o for o in self._ops if o.key != op.key]
         self._ops.append(op)
 
     def pump(self, force: bool = False) -> bool:
@@ -222,7 +214,7 @@ class RunTracker:
             while self._ops:
                 op = self._ops[0]
                 self._call(op.fn, op.desc)
-                self._ops.pop(0).discard()
+                self._ops.pop(0)
         except _Deferred:
             return False
         if self._outage_since is not None:
@@ -294,25 +286,23 @@ class RunTracker:
         epoch = epoch_number(epoch)
         title = f"epoch {epoch}  val_mse {val.get('mse', float('nan')):.4g}"
         if vis is not None and self.cfg.log_images:
-            d = _upload_dir("forecasts")
             try:
-                visualize.save_strip(*vis, d / visualize.STRIP_FILE, title=title)
-                visualize.save_gif(*vis, d / visualize.GIF_FILE)
-                self._submit(_files_op("forecast images", self._log_dir_files, d, "forecasts", key="images"))
+                files = {
+                    visualize.STRIP_FILE: visualize.strip_png(*vis, title=title),
+                    visualize.GIF_FILE: visualize.forecast_gif(*vis),
+                }
+                self._submit(self._upload_op("forecast images", files, "forecasts", key="images"))
             except Exception as exc:  # a picture must never stop training
-                shutil.rmtree(d, ignore_errors=True)
                 log.warning("could not draw forecast images: %s", exc)
         per_lead = {k: v for k, v in val.items() if isinstance(v, list)}
         if per_lead:
-            d = _upload_dir("lead")
             try:
-                visualize.save_lead_time_plot(
-                    _lead_panels(per_lead), d / visualize.LEAD_FILE, title=f"validation, {title}"
-                )
-                (d / "val_lead_time_metrics.json").write_text(json.dumps({"epoch": epoch, **per_lead}, indent=1))
-                self._submit(_files_op("lead-time metrics", self._log_dir_files, d, "metrics", key="lead"))
+                files = {
+                    visualize.LEAD_FILE: visualize.lead_time_png(_lead_panels(per_lead), title=f"validation, {title}"),
+                    "val_lead_time_metrics.json": json.dumps({"epoch": epoch, **per_lead}, indent=1).encode(),
+                }
+                self._submit(self._upload_op("lead-time metrics", files, "metrics", key="lead"))
             except Exception as exc:
-                shutil.rmtree(d, ignore_errors=True)
                 log.warning("could not draw the lead-time plot: %s", exc)
         self._submit(
             _Op(
@@ -327,21 +317,27 @@ class RunTracker:
         """The test scores of the best weights, after the loop's epoch `epoch`."""
         epoch = epoch_number(epoch)
         per_lead = {k: v for k, v in test.items() if isinstance(v, list)}
-        d = _upload_dir("test")
-        (d / "test_metrics.json").write_text(json.dumps({"scored_after_epoch": epoch, **test}, indent=1, default=str))
+        files = {"test_metrics.json": json.dumps({"scored_after_epoch": epoch, **test}, indent=1, default=str).encode()}
         if per_lead:
             try:
-                visualize.save_lead_time_plot(
-                    _lead_panels(per_lead), d / "test_lead_time_metrics.png", title="test (best weights)"
+                files["test_lead_time_metrics.png"] = visualize.lead_time_png(
+                    _lead_panels(per_lead), title="test (best weights)"
                 )
             except Exception as exc:
                 log.warning("could not draw the test lead-time plot: %s", exc)
-        self._submit(_files_op("test metrics", self._log_dir_files, d, "metrics", key="test"))
+        self._submit(self._upload_op("test metrics", files, "metrics", key="test"))
         self.pump()
 
-    def _log_dir_files(self, d: Path, artifact_path: str) -> None:
-        for f in sorted(d.iterdir()):
-            self.client.log_artifact(self.run_id, str(f), artifact_path)
+    def _upload_op(self, desc: str, files: dict[str, bytes], artifact_path: str, key: str) -> _Op:
+        """Send `files` ({name: content}) under `artifact_path`, through a folder that lives only for the upload."""
+
+        def upload() -> None:
+            with tempfile.TemporaryDirectory(prefix="vmrnn-mlflow-") as d:
+                for name, data in files.items():
+                    (Path(d) / name).write_bytes(data)
+                self.client.log_artifacts(self.run_id, d, artifact_path)
+
+        return _Op(desc, upload, key=key)
 
     def log_model(self, best_state: dict[str, Any], model_cfg: dict[str, Any], spec: Any, val_ds: Any) -> str | None:
         """Log the best weights as an MLflow model (once per run); returns its URI."""
@@ -407,7 +403,7 @@ class RunTracker:
             return
         self._submit(_Op(f"run status {status}", lambda: self.client.set_terminated(self.run_id, status)))
         if not self.flush(timeout):
-            unsent = _upload_dir("unsent") / "unsent_metrics.json"
+            unsent = Path(tempfile.mkdtemp(prefix="vmrnn-mlflow-unsent-")) / "unsent_metrics.json"
             unsent.write_text(
                 json.dumps(
                     [{"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp} for m in self._metrics],
@@ -426,15 +422,6 @@ class RunTracker:
                 unsent,
             )
         self.closed = True
-
-
-def _upload_dir(what: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f"vmrnn-mlflow-{what}-"))
-
-
-def _files_op(desc: str, upload: Callable[[Path, str], None], d: Path, artifact_path: str, key: str) -> _Op:
-    """Upload every file of the temporary folder `d` under `artifact_path`; the folder goes once sent."""
-    return _Op(desc, lambda: upload(d, artifact_path), key=key, files=d)
 
 
 class _Deferred(Exception):

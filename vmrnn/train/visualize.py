@@ -6,6 +6,7 @@ counts (TaxiBJ's inflow/outflow) are drawn one channel per row.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,13 +34,20 @@ def _channel_views(frame: np.ndarray) -> list[np.ndarray]:
 
 def save_strip(inputs, targets, preds, path: str | os.PathLike, *, title: str = "") -> Path:
     """Rows per sample (and channel): inputs | targets, and inputs | predictions, one frame per column."""
+    path = Path(path)
+    path.write_bytes(strip_png(inputs, targets, preds, title=title))
+    return path
+
+
+def strip_png(inputs, targets, preds, *, title: str = "") -> bytes:
+    """`save_strip`'s picture as PNG bytes (drawn in memory: no file to leave behind)."""
     import matplotlib.pyplot as plt
 
     fig = strip_figure(inputs, targets, preds, title=title)
-    path = Path(path)
-    fig.savefig(path, dpi=80)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=80, format="png")
     plt.close(fig)
-    return path
+    return buf.getvalue()
 
 
 TITLE_IN = 0.35  # inches above the frames kept for the title, so that it never covers the column labels
@@ -93,6 +101,13 @@ def strip_figure(inputs, targets, preds, *, title: str = ""):
 
 def save_gif(inputs, targets, preds, path: str | os.PathLike, *, frame_ms: int = 250, min_size: int = 96) -> Path:
     """Animated: per sample a column pair (truth | prediction), time runs through inputs then targets."""
+    path = Path(path)
+    path.write_bytes(forecast_gif(inputs, targets, preds, frame_ms=frame_ms, min_size=min_size))
+    return path
+
+
+def forecast_gif(inputs, targets, preds, *, frame_ms: int = 250, min_size: int = 96) -> bytes:
+    """`save_gif`'s animation as GIF bytes (drawn in memory)."""
     from PIL import Image
 
     x, y, p = _np(inputs), _np(targets), _np(preds)
@@ -117,13 +132,20 @@ def save_gif(inputs, targets, preds, path: str | os.PathLike, *, frame_ms: int =
             tiles_rows.append(np.concatenate(row, axis=1))
         canvas = (np.concatenate(tiles_rows, axis=0) * 255).round().astype(np.uint8)
         frames.append(Image.fromarray(canvas, mode="RGB"))
-    path = Path(path)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
-    return path
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    return buf.getvalue()
 
 
 def save_lead_time_plot(per_lead: dict[str, Sequence[float]], path: str | os.PathLike, *, title: str = "") -> Path:
     """One panel per metric: value against lead time (1 = first predicted frame)."""
+    path = Path(path)
+    path.write_bytes(lead_time_png(per_lead, title=title))
+    return path
+
+
+def lead_time_png(per_lead: dict[str, Sequence[float]], *, title: str = "") -> bytes:
+    """`save_lead_time_plot`'s picture as PNG bytes (drawn in memory)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -140,7 +162,7 @@ def save_lead_time_plot(per_lead: dict[str, Sequence[float]], path: str | os.Pat
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=90)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=90, format="png")
     plt.close(fig)
-    return path
+    return buf.getvalue()

@@ -740,7 +740,7 @@ CASES: list[Case] = [
         "{data}",
         T,
         "sqlite:///{tmp}/mlflow.db",
-        expect=r"cannot load model models:/nosuch@champion",
+        expect=r"models:/nosuch@champion is not in the MLflow tracking store .*point --tracking-uri",
     ),
     cli(
         "evaluate-unknown-run",
@@ -751,7 +751,7 @@ CASES: list[Case] = [
         "{data}",
         T,
         "sqlite:///{tmp}/mlflow.db",
-        expect=r"cannot load model runs:/0123456789abcdef/model",
+        expect=r"runs:/0123456789abcdef/model is not in the MLflow tracking store .*point --tracking-uri",
     ),
     cli(
         "evaluate-zero-batch",

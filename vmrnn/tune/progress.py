@@ -176,9 +176,9 @@ def trial_error_text(trial) -> str:
 
 
 class TrialStatusToMLflow(Callback):
-    """Give each trial's MLflow run its final status as soon as Tune decides it: FINISHED, KILLED
-    (pruned by ASHA) or FAILED (with the error). The end of the sweep does it again for every trial,
-    so a failure here is only logged."""
+    """Give each trial's MLflow run its final status as soon as Tune decides it: FINISHED (also a trial
+    pruned by ASHA, tagged vmrnn.trial_status=PRUNED) or FAILED (with the error). The end of the sweep
+    does it again for every trial, so a failure here is only logged."""
 
     def __init__(self, tracking_uri: str, experiment: str, sweep: str, parent_run_id: str, epochs: int):
         self.tracking_uri = tracking_uri

@@ -133,6 +133,7 @@ def test_smoke_sweep_on_embedded_defaults(tmp_path):
         "Created version",
         "has no artifacts",
         "Creating initial MLflow database tables",
+        "maximum expected startup concurrency",
     ):
         assert noise not in first.stdout + first.stderr, noise
     # The state lives beside the store it reports to (each checkout its own).

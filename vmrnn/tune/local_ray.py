@@ -51,6 +51,10 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, log_to_d
         # Train's controller sees a started worker group, an epoch's report (which Tune and ASHA wait
         # for) and a finished run only when it polls its workers (every 2 s by default): poll more often.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+        # Every trial starts ~7 worker processes (its actor, a queue, Train's controller, helpers, workers);
+        # the raylet starts at most one per CPU at a time and warns once 4x that many exist. A few trials
+        # at once on few CPUs are normal for a sweep: let more start together, and no warning for it.
+        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(8, os.cpu_count() or 1)))
         if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].strip().lower() in ("0", "false"):
             # Ray read this variable when it was imported (before we could set it): tell this process
             # too, so that the node it starts takes 127.0.0.1 as its address, like its children will.

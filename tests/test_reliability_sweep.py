@@ -335,7 +335,7 @@ def test_sweep_survives_a_killed_worker_a_killed_driver_and_a_diverging_trial(cl
     assert "vmrnn.failure_reason" not in t1.data.tags and t1.info.end_time < t_resubmit
     assert float(t1.data.params["lr"]) == 4e-4  # the official point
     for key in ("val_mse", "val_ssim", "train_loss", "lr", "epoch_time_s"):
-        assert _steps(client, t1.info.run_id, key) == list(range(epochs)), key
+        assert _steps(client, t1.info.run_id, key) == list(range(1, epochs + 1)), key  # epochs count from 1
 
     # Trial 2: diverged; failed with the reason in MLflow and in Ray Tune.
     assert float(t2.data.params["lr"]) == 1e10
@@ -344,14 +344,14 @@ def test_sweep_survives_a_killed_worker_a_killed_driver_and_a_diverging_trial(cl
     assert "diverged" in t2.data.tags["vmrnn.failure_reason"] and "TrainingDiverged" in t2.data.tags[tags.TAG_ERROR]
     assert t2.info.end_time < t_resubmit
     tune_errors = [p.read_text() for p in exp_dir.glob("*/error.txt")]
-    assert any("TrainingDiverged" in e and "epoch 0" in e for e in tune_errors), tune_errors
+    assert any("TrainingDiverged" in e and "at epoch 1," in e for e in tune_errors), tune_errors
 
     # Trial 3: its driver died mid-trial; resumed from its checkpoint into the same MLflow run.
     assert t3.data.tags["vmrnn.restarts"] == "1" and t3.info.status in ("FINISHED", "KILLED")
     assert int(t3.data.tags["vmrnn.resumed_from_epoch"]) >= 0
     done3 = len(_steps(client, t3.info.run_id, "val_mse"))
     for key in ("val_mse", "train_loss", "lr"):
-        assert _steps(client, t3.info.run_id, key) == list(range(done3)), key
+        assert _steps(client, t3.info.run_id, key) == list(range(1, done3 + 1)), key
     for run in trials:  # no epoch logged twice anywhere
         for key in ("val_mse", "train_loss"):
             steps = _steps(client, run.info.run_id, key)

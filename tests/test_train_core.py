@@ -143,9 +143,11 @@ def test_two_process_evaluation_equals_one_process(data_root, tmp_path):
     spawn(eval_worker, 2, str(tmp_path / "init"), str(data_root), str(tmp_path / "w.pt"), str(tmp_path / "two.json"))
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert one["count"] == two["count"] == len(build_dataset("taxibj", data_root, "val"))
+    # Batches of 3 + 2 and of 5 take different float32 GEMM/conv paths on CPU, so the per-sample outputs agree
+    # to float32 rounding (~1e-7), not bit for bit; a lost or double-counted sample would be off by ~20%.
     for k in ("mse", "mae", "ssim", "psnr", "loss"):
-        assert two[k] == pytest.approx(one[k], rel=1e-10), k
-    assert two["mse_by_lead"] == pytest.approx(one["mse_by_lead"], rel=1e-10)
+        assert two[k] == pytest.approx(one[k], rel=1e-6), k
+    assert two["mse_by_lead"] == pytest.approx(one["mse_by_lead"], rel=1e-6)
 
 
 def test_cli_evaluate_and_predict_from_checkpoint(baseline, data_root, tmp_path, capsys):

@@ -3,6 +3,8 @@
   python benchmarks/gpu_checks.py presets --out presets.json    # fwd/bwd per preset, cuda scan
   python benchmarks/gpu_checks.py scans --out scans.json        # SS2D layouts and scan kernels, per shape
   python benchmarks/gpu_checks.py scan_variants --out v.json     # segmented-scan plans: check, time, pick
+  python benchmarks/gpu_checks.py profile --out p.json           # GPU time per kernel of one training step
+  python benchmarks/gpu_checks.py bwd_parts --out b.json          # what each part of the scan backward costs
 
 Launch plans are explicit arguments (`vmrnn.ops.scan_plan.scan_plan(..., ck=..., bd=...)` passed as
 `ss2d_scan_triton(..., plan=...)`); nothing global changes how the kernels run.
@@ -264,13 +266,159 @@ def scan_variants(out):
     print(f"fastest: SEG_CK = {ck}, SEG_UB = {ub}")
 
 
+def _kernel_group(name: str) -> str:
+    n = name.lower()
+    for key, group in (
+        ("_ss2d_bwd", "scan backward"),
+        ("_ss2d_fwd", "scan forward"),
+        ("_ss2d_combine", "scan segment combine"),
+        ("gemm", "GEMM"),
+        ("nvjet", "GEMM"),
+        ("cutlass", "GEMM"),
+        ("conv", "convolution"),
+        ("norm", "normalisation"),
+        ("reduce", "reductions"),
+        ("elementwise", "elementwise"),
+        ("copy", "copies"),
+        ("cat", "copies"),
+    ):
+        if key in n:
+            return group
+    return "other"
+
+
+def profile(out, preset_names, mode):
+    """GPU time per kernel (and per kernel group) of one training step, from torch.profiler, in an eager
+    mode (`bf16-fused` runs the kernels of `fast` without the graph, so each kernel is seen by name)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from vmrnn.bench import SHAPES as BENCH_SHAPES
+    from vmrnn.bench import _frames
+    from vmrnn.train.execution import MODES
+    from vmrnn.train.step import make_train_step
+
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "mode": mode, "presets": {}}
+    for name in preset_names:
+        shape = BENCH_SHAPES[name]
+        torch.manual_seed(0)
+        model = build_model(name).cuda().train()
+        frames = _frames(shape, model.config, "cuda")
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        step = make_train_step(model, opt, n_input=shape.n_input, execution=MODES[mode], device="cuda")
+        for _ in range(2):
+            step(frames)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step(frames)
+            torch.cuda.synchronize()
+        kernels: dict[str, list[float]] = {}
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                kernels.setdefault(e.name, []).append(e.time_range.elapsed_us() / 1e3)
+        total = sum(sum(v) for v in kernels.values())
+        groups: dict[str, float] = {}
+        for k, v in kernels.items():
+            groups[_kernel_group(k)] = groups.get(_kernel_group(k), 0.0) + sum(v)
+        top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:25]
+        r = {
+            "kernel_ms": round(total, 3),
+            "launches": sum(len(v) for v in kernels.values()),
+            "groups_ms": {g: round(t, 3) for g, t in sorted(groups.items(), key=lambda kv: -kv[1])},
+            "top": [{"kernel": k[:120], "ms": round(sum(v), 3), "calls": len(v)} for k, v in top],
+        }
+        res["presets"][name] = r
+        print(name, json.dumps({k: r[k] for k in ("kernel_ms", "launches", "groups_ms")}), flush=True)
+        del model, step, opt, frames
+        torch.cuda.empty_cache()
+        json.dump(res, open(out, "w"), indent=1)
+
+
+# Parts of the scan backward taken out (timing only: the results are wrong) by rewriting the kernel's source:
+# (what is replaced, what replaces it).
+BWD_PARTS = {
+    "full": [],
+    "no_dB_dC_sums": [
+        ("dBp = tl.sum(g * dtu[:, None], axis=0)", "dBp = bv"),
+        ("dCp = tl.sum(hl * dy[:, None], axis=0)", "dCp = cv"),
+    ],
+    "no_state_rebuild": [
+        ("tl.store(scr3 + (s * U + uu)[None, None, :] * (BD * N), hbuf)", "pass"),
+        ("hl = tl.load(scr_base + (s * U + j) * BD * N)", "hl = g_carry * 0.5"),
+    ],
+    "no_outputs_per_token": [
+        ("tl.store(du_base[:, None]", "if False: tl.store(du_base[:, None]"),
+        ("tl.store(ddl_base[:, None]", "if False: tl.store(ddl_base[:, None]"),
+        ("tl.store(dB_base[:, None]", "if False: tl.store(dB_base[:, None]"),
+        ("tl.store(dC_base[:, None]", "if False: tl.store(dC_base[:, None]"),
+    ],
+}
+
+
+def bwd_parts(out):
+    """Time the scan backward kernel at the presets' long-sequence shapes (bf16 inputs) with parts of it taken
+    out, to see what each part costs: the cross-lane sums of dB / dC, the rebuilt states' scratch round trip,
+    the per-token output stores."""
+    import importlib.util
+    import inspect
+
+    import vmrnn.ops.triton.ss2d_scan_bwd as bwd_mod
+    from vmrnn.ops.triton.ss2d_scan_fwd import ss2d_scan_fwd
+
+    src = inspect.getsource(bwd_mod)
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": {}}
+    mods = {}
+    for part, edits in BWD_PARTS.items():
+        text = src
+        for old, new in edits:
+            if old not in text:
+                raise RuntimeError(f"{part}: {old!r} is not in the kernel source")
+            text = text.replace(old, new)
+        path = Path("/tmp") / f"ss2d_bwd_{part}.py"
+        path.write_text(text)
+        spec = importlib.util.spec_from_file_location(f"ss2d_bwd_{part}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        mods[part] = mod
+    n = 16
+    for name, (b, h, w, d) in {**SEG_SHAPES, "taxibj": (16, 8, 8, 256)}.items():
+        L = h * w
+        g = torch.Generator(device="cuda").manual_seed(0)
+        u = torch.randn(b, L, d, device="cuda", generator=g).bfloat16()
+        delta = (torch.randn(b, L, 4, d, device="cuda", generator=g) * 0.5).bfloat16()
+        A = -torch.exp(torch.randn(4 * d, n, device="cuda", generator=g) * 0.5)
+        bc = torch.randn(b, L, 4, 2 * n, device="cuda", generator=g).bfloat16()
+        Ds = torch.ones(4 * d, device="cuda")
+        bias = torch.zeros(4 * d, device="cuda") - 2
+        dy = torch.randn(b, L, 4, d, device="cuda", generator=g).bfloat16()
+        plan = scan_plan(b, L, d, n)
+        args = (u, delta, A, bc[..., :n], bc[..., n:], Ds, bias)
+        r = {"plan": list(plan)}
+        try:
+            r["fwd_ms"] = round(timed(lambda: ss2d_scan_fwd(*args, h, w, True, True, plan)), 3)
+            _, hc = ss2d_scan_fwd(*args, h, w, True, True, plan)
+            for part, mod in mods.items():
+                r[f"bwd_{part}_ms"] = round(timed(lambda: mod.ss2d_scan_bwd(*args, hc, dy, h, w, True, plan)), 3)
+        except Exception as exc:  # noqa: BLE001
+            r["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        res["shapes"][name] = r
+        print(name, json.dumps(r), flush=True)
+        json.dump(res, open(out, "w"), indent=1)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["presets", "scans", "scan_variants"])
+    ap.add_argument("what", choices=["presets", "scans", "scan_variants", "profile", "bwd_parts"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--presets", default="taxibj,kth,mmnist", help="profile: comma-separated presets")
+    ap.add_argument("--mode", default="bf16-fused", help="profile: an eager execution mode")
     a = ap.parse_args()
-    if a.what == "scan_variants":
+    if a.what == "profile":
+        profile(a.out, a.presets.split(","), a.mode)
+    elif a.what == "bwd_parts":
+        bwd_parts(a.out)
+    elif a.what == "scan_variants":
         scan_variants(a.out)
     else:
         presets(a.out) if a.what == "presets" else scans(a.out, a.sweep)

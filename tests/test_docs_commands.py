@@ -1,4 +1,4 @@
-"""The commands in the README's and docs/SWEEPS.md's shell blocks run as written after the README's set-up:
+"""The commands in the shell blocks of the README and the local-use docs run as written after the README's set-up:
 a venv in .venv that is never activated, so its programs are called by path (.venv/bin/...) and nothing
 of it is on PATH."""
 
@@ -15,7 +15,7 @@ from conftest import REPO
 
 VENV_BIN = Path(sys.executable).parent
 SYSTEM = {"python3", "bash", "cd", "export", "source", "aws", "gcloud"}  # outside the venv by design
-DOCS = ["README.md", "docs/SWEEPS.md"]
+DOCS = ["README.md", "docs/SWEEPS.md", "docs/TRAINING.md", "docs/DATA.md"]
 
 
 def shell_commands(markdown: str) -> list[str]:

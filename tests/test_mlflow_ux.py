@@ -154,3 +154,20 @@ def test_help_speaks_to_users_and_predict_gives_each_input_shape(tmp_path):
 @pytest.fixture(autouse=True)
 def _no_tracking_env(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def test_ui_hints_open_the_model_training_view_and_run_as_printed(tmp_path):
+    """A store on disk: `mlflow ui` spelled for this environment (never a bare name the shell may not find),
+    then the run's page in the model-training view; a tracking server: its own page, without credentials."""
+    import shlex
+
+    from vmrnn.tracking.experiments import ui_hint
+
+    uri = f"sqlite:///{tmp_path / 'with space' / 'mlflow.db'}"
+    command, _, link = ui_hint(uri, "3", "abc").partition(", then open ")
+    words = shlex.split(command)
+    assert Path(words[0]).is_file() or words[:3] == [words[0], "-m", "mlflow"], command
+    assert words[-2:] == ["--backend-store-uri", uri]  # quoted: the folder's space survives the shell
+    assert link == "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    remote = ui_hint("https://bob:s3cret@mlflow.internal:5000", "7")
+    assert remote == "open https://mlflow.internal:5000/#/experiments/7/runs?workflowType=machine_learning"

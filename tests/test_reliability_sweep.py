@@ -166,7 +166,7 @@ def _driver_pids(marker: str) -> list[int]:
 
 
 def _checkpointed(train_runs: Path, trial_id: str, epoch: int) -> bool:
-    """Ray Train has registered the trial's checkpoint of `epoch` (what a restart resumes from)."""
+    """Ray Train has registered the trial's checkpoint of `epoch` (counted from 1; what a restart resumes from)."""
     snapshot = train_runs / f"train-{trial_id}" / "checkpoint_manager_snapshot.json"
     return snapshot.is_file() and f"checkpoint_epoch{epoch:04d}_" in snapshot.read_text()
 
@@ -253,7 +253,7 @@ def test_sweep_survives_a_killed_worker_a_killed_driver_and_a_diverging_trial(cl
 
         def first_epoch_checkpointed():
             runs = _trial_runs(client, sweep)
-            return runs and _checkpointed(train_runs, runs[0].data.tags[tags.TAG_TRIAL_ID], 0) and runs[0]
+            return runs and _checkpointed(train_runs, runs[0].data.tags[tags.TAG_TRIAL_ID], 1) and runs[0]
 
         trial1 = wait_for(first_epoch_checkpointed, 300, interval=0.3, what="trial 1's first checkpoint")
         # The workers' process titles (`ray::RayTrainWorker...`), read from /proc: `ray list actors`
@@ -289,7 +289,7 @@ def test_sweep_survives_a_killed_worker_a_killed_driver_and_a_diverging_trial(cl
         # -- fault 2: SIGKILL the job's driver while trial 3 trains (its first epoch is in MLflow).
         def third_trial_checkpointed():
             runs = _trial_runs(client, sweep)
-            return len(runs) >= 3 and _checkpointed(train_runs, runs[2].data.tags[tags.TAG_TRIAL_ID], 0)
+            return len(runs) >= 3 and _checkpointed(train_runs, runs[2].data.tags[tags.TAG_TRIAL_ID], 1)
 
         wait_for(third_trial_checkpointed, 300, interval=0.3, what="trial 3's first checkpoint")
         drivers = _driver_pids(str(storage))

@@ -149,8 +149,13 @@ def test_smoke_sweep_on_embedded_defaults(tmp_path):
     n_runs = len(client.search_runs([parent.info.experiment_id]))
 
     # The printed commands, run as printed from a shell without the venv on PATH.
-    ui = _printed(out, "look with: ")
+    ui, _, link = _printed(out, "look with: ").partition(", then open ")
     assert ui == f"{VENV_BIN}/mlflow ui --backend-store-uri {uri}", ui
+    experiment_id = parent.info.experiment_id
+    assert (
+        link
+        == f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{parent.info.run_id}?workflowType=machine_learning"
+    )
     port = free_port()
     server = subprocess.Popen(
         ["bash", "-c", ui],

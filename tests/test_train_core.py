@@ -92,7 +92,8 @@ def test_interrupted_run_resumes_to_the_same_weights(baseline, data_root, tmp_pa
         train(cfg, on_epoch_end=stop_after_epoch_1)
     mid = load_state(tmp_path / "ck")
     assert mid["epoch"] == 1 and len(mid["history"]) == 2
-    resumed = train(cfg)  # picks up epoch_0001 from checkpoint_dir
+    assert sorted(d.name for d in (tmp_path / "ck").iterdir()) == ["epoch_0001", "epoch_0002"]  # named from 1
+    resumed = train(cfg)  # picks up epoch_0002 (the second epoch's) from checkpoint_dir
     assert [m["epoch"] for m in resumed.history] == [0, 1, 2]
     final, ref = load_state(resumed.checkpoint), load_state(baseline.checkpoint)
     assert state_equal(final["model"], ref["model"])

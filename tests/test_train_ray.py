@@ -51,9 +51,9 @@ def test_two_workers_learn_survive_a_killed_worker_and_match_plain_ddp(local_ray
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("t-ray").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_id == rv["run_id"]
-    for k in REPORTED_KEYS:
+    for k in REPORTED_KEYS:  # MLflow steps count epochs from 1
         if k != "epoch":
-            assert sorted(m.step for m in client.get_metric_history(rv["run_id"], k)) == [1, 2, 3], k  # MLflow steps count epochs from 1
+            assert sorted(m.step for m in client.get_metric_history(rv["run_id"], k)) == [1, 2, 3], k
 
     # The same run without Ray and without the failure: the plain core under DDP (what torchrun runs).
     plain = cfg.replace(tracking=False, checkpoint_dir=str(tmp_path / "plain"), run_key="plain")

@@ -317,8 +317,8 @@ def _print_summary(s: dict[str, Any]) -> None:
 
 def _ui_line(uri: str | None, run_id: str) -> str | None:
     """How to look at the run in MLflow's UI (its model-training view), as a command that works as printed."""
-    from vmrnn.tracking.experiments import ui_url
-    from vmrnn.tracking.uris import client, is_remote, strip_credentials
+    from vmrnn.tracking.experiments import ui_hint
+    from vmrnn.tracking.uris import client
 
     if not uri:
         return None
@@ -326,11 +326,7 @@ def _ui_line(uri: str | None, run_id: str) -> str | None:
         experiment_id = client(uri).get_run(run_id).info.experiment_id
     except Exception:  # only a hint: the run is logged either way
         return None
-    if is_remote(uri):
-        return ui_url(experiment_id, run_id, server=strip_credentials(uri))
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    command = f"{mlflow_bin if mlflow_bin.exists() else 'mlflow'} ui --backend-store-uri {uri}"
-    return f"{command}, then open {ui_url(experiment_id, run_id)}"
+    return ui_hint(uri, experiment_id, run_id)
 
 
 # ---------------------------------------------------------------------- evaluate / predict

@@ -15,13 +15,16 @@
 from __future__ import annotations
 
 import re
+import shlex
 
+from vmrnn import commands
 from vmrnn.tracking.uris import (
     TRAIN_HINT,
     TrackingUnavailable,
     check_reachable,
     client,
     configure_client_env,
+    is_remote,
     sqlite_path,
     strip_credentials,
 )
@@ -52,6 +55,17 @@ def ui_url(experiment_id: str, run_id: str | None = None, server: str = LOCAL_UI
     """The link to an experiment's runs table (or to one run) in MLflow's UI, in its model-training view."""
     page = f"runs/{run_id}" if run_id else "runs"
     return f"{server.rstrip('/')}/#/experiments/{experiment_id}/{page}?{UI_MODEL_TRAINING}"
+
+
+def ui_hint(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """How to look at an experiment (or one run) in MLflow's UI, as the user runs it from here: a tracking
+    server's own page, else `mlflow ui` on the store (spelled by `vmrnn.commands`, a database's password left
+    out) and the local page; every link opens the model-training view."""
+    if is_remote(tracking_uri):
+        return f"open {ui_url(experiment_id, run_id, server=strip_credentials(tracking_uri))}"
+    store = shlex.quote(strip_credentials(tracking_uri))
+    mlflow = commands.tool("mlflow", "mlflow")
+    return f"{mlflow} ui --backend-store-uri {store}, then open {ui_url(experiment_id, run_id)}"
 
 
 def default_experiment(dataset: str) -> str:

@@ -93,11 +93,14 @@ def save_epoch_checkpoint(
     meta: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Atomically write `<root>/epoch_NNNN` (temp dir + rename), then prune all but the newest `keep`."""
+    """Atomically write `<root>/epoch_NNNN` (temp dir + rename), then prune all but the newest `keep`.
+
+    `epoch` is the loop's 0-based index; the folder is named as users count it (`epoch_0001` after the first).
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"epoch_{epoch:04d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".epoch_{epoch:04d}.", dir=root))
+    final = root / f"epoch_{epoch_number(epoch):04d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".epoch_{epoch_number(epoch):04d}.", dir=root))
     write_checkpoint(tmp, state, best_model, meta)
     if final.exists():
         shutil.rmtree(final)

@@ -37,6 +37,7 @@ from vmrnn.tracking.tags import ROLE_TRIAL, TAG_ROLE
 from vmrnn.train.checkpoint import BEST_FILE, load_state, write_checkpoint
 from vmrnn.train.config import TrainConfig
 from vmrnn.train.distributed import DistEnv
+from vmrnn.train.epochs import epoch_number
 from vmrnn.train.loop import REPORTED_KEYS, EpochResult, TrainingDiverged, effective_config, run_training
 from vmrnn.train.phases import set_phase
 
@@ -166,7 +167,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             ray.train.report(
                 res.metrics,
                 checkpoint=checkpoint,
-                checkpoint_dir_name=f"checkpoint_epoch{res.epoch:04d}_{time.time_ns()}",
+                checkpoint_dir_name=f"checkpoint_epoch{epoch_number(res.epoch):04d}_{time.time_ns()}",
             )
 
     try:
@@ -219,7 +220,10 @@ class ProgressCallback(UserCallback):
         if "epoch" not in m:
             return
         if m.get("diverged"):
-            print(f"[vmrnn] diverged at epoch {int(m['epoch'])}, step {int(m.get('diverged_step', -1))}", flush=True)
+            print(
+                f"[vmrnn] diverged at epoch {epoch_number(m['epoch'])}, step {int(m.get('diverged_step', -1))}",
+                flush=True,
+            )
             return
         extra = "".join(f"  {k} {m[k]:.5g}" for k in ("test_mse", "test_ssim") if k in m)
         print(

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from vmrnn.data import dataset_names
+from vmrnn.train.epochs import epoch_number
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -85,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rank == 0:
             summary = {
                 "metrics": res.metrics,
-                "best_epoch": res.best_epoch,
+                "best_epoch": None if res.best_epoch is None else epoch_number(res.best_epoch),
                 "best_val_mse": res.best_val_mse,
                 "test": {k: v for k, v in res.test_metrics.items()},
                 "run_id": res.run_id,

@@ -12,9 +12,10 @@ from typing import Any
 
 from vmrnn import commands
 from vmrnn.tracking import tags
+from vmrnn.tracking.experiments import ui_hint
 from vmrnn.tracking.registry import Registration, register_best
 from vmrnn.tracking.sweeps import SweepTracker, TrialRow
-from vmrnn.tracking.uris import absolute_tracking_uri, default_tracking_uri, is_remote, strip_credentials
+from vmrnn.tracking.uris import absolute_tracking_uri, default_tracking_uri, strip_credentials
 from vmrnn.tune import defaults as D
 from vmrnn.tune.args import SweepPlace
 from vmrnn.tune.results import rows_from_results
@@ -208,19 +209,11 @@ def _config_for_tag(params: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()}
 
 
-def ui_command(tracking_uri: str) -> str:
-    """How to look at a store: a tracking server's own address, else `mlflow ui` on the store, spelled to
-    run as printed (vmrnn.commands)."""
-    if is_remote(tracking_uri):
-        return f"open {strip_credentials(tracking_uri)} in a browser"
-    store = shlex.quote(strip_credentials(tracking_uri))  # a database's password is not printed
-    return f"{commands.tool('mlflow', 'mlflow')} ui --backend-store-uri {store}"
-
-
 def look_line(tracker: SweepTracker, parent_id: str) -> str:
+    hint = ui_hint(tracker.tracking_uri, tracker.experiment_id, parent_id)
     return (
         f"MLflow: parent run {parent_id} in experiment {tracker.experiment!r} "
-        f"(results/trials.parquet, plots/*.png); look with: {ui_command(tracker.tracking_uri)}"
+        f"(results/trials.parquet, plots/*.png); look with: {hint}"
     )
 
 

@@ -1,6 +1,6 @@
-"""A smoke sweep as a user sees it: `python sweeps/taxibj.py --smoke` (its own --tracking-uri and
---storage-path in a temporary folder), then the MLflow store it wrote, and MLflow's own UI on it in the
-system Chromium (headless, driven over the DevTools protocol).
+"""A smoke sweep as a user sees it: `python sweeps/taxibj.py --smoke` in an empty folder (the session's
+`smoke_sweep`, conftest.py), then the MLflow store it wrote, and MLflow's own UI on it in the system Chromium
+(headless, driven over the DevTools protocol).
 
 - test_sweep_records_what_users_read: pruned trials are FINISHED runs tagged PRUNED with the epoch they
   stopped after (no red "Killed"), epochs counted from 1 on the parent run as in the console summary, the
@@ -16,18 +16,13 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import secrets
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from browser import Browser, chromium_path
 from conftest import REPO
-from procs import MlflowServer, free_port, kill_processes_mentioning
+from procs import MlflowServer, free_port
 from vmrnn.tracking import tags as T
 from vmrnn.tracking.experiments import ui_url
 from vmrnn.tune import defaults as D
@@ -38,39 +33,9 @@ SCREENSHOT = REPO / "docs" / "images" / "mlflow-runs.png"
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    """One smoke sweep for the tests of this module: its folder, store URI, console output and leftovers."""
-    root = tmp_path_factory.mktemp("ui-sweep")
-    tmp = Path(f"/tmp/vmrnn-ui-{secrets.token_hex(4)}")  # short: Ray's unix socket paths live below it
-    tmp.mkdir()
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING"))}
-    env.update(
-        RAY_USAGE_STATS_ENABLED="0",
-        VMRNN_CACHE_DIR=str(root / "cache"),
-        PYTHONUNBUFFERED="1",
-        TMPDIR=str(tmp),
-        PYTHONPATH=str(REPO),
-    )
-    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # the script sets it for its local Ray
-    cmd = [
-        sys.executable,
-        str(REPO / "sweeps" / "taxibj.py"),
-        "--smoke",
-        "--tracking-uri",
-        uri,
-        "--storage-path",
-        str(root / "ray_results"),
-    ]
-    t0 = time.monotonic()
-    try:
-        done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=540)
-    finally:
-        kill_processes_mentioning(str(tmp))
-    leftovers = sorted(p.name for p in tmp.glob("vmrnn-mlflow-*"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
-    return {"root": root, "uri": uri, "out": done.stdout, "leftovers": leftovers, "seconds": time.monotonic() - t0}
+def sweep(smoke_sweep):
+    """The session's smoke sweep (conftest.py): its folder, store URI, console output and leftovers."""
+    return {**smoke_sweep, "root": smoke_sweep["clone"]}
 
 
 def _experiment(uri: str):

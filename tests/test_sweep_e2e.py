@@ -1,7 +1,8 @@
 """The README's main command, end to end on CPU with real components only.
 
 test_smoke_sweep_on_embedded_defaults: `python sweeps/taxibj.py --smoke` in an empty folder, as after the
-README's set-up (the venv never activated: its bin folder is not on PATH): local Ray started by the script,
+README's set-up (the session's `smoke_sweep`, conftest.py; the venv never activated: its bin folder is not on
+PATH): local Ray started by the script,
 MLflow's default ./mlflow.db with the Tune state beside it in ./ray_results, the real training layer and
 registry. Then, without starting Ray again:
 - the commands the summary prints (`mlflow ui ...`, `vmrnn predict ...`) run as printed from a shell;
@@ -17,7 +18,6 @@ tests/test_reliability_sweep.py::test_sweep_survives_a_killed_worker_a_killed_dr
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 import subprocess
@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO
 from procs import free_port, http_ok, stop_group, wait_for
 from vmrnn.tracking import tags
 
@@ -104,26 +103,9 @@ def _printed(out: str, marker: str) -> str:
 
 
 @pytest.mark.timeout(900)
-def test_smoke_sweep_on_embedded_defaults(tmp_path):
-    clone = tmp_path / "clone"
-    clone.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING", "VMRNN_"))}
-    # As after the README's set-up: the venv is never activated, so its bin folder is not on PATH.
-    path = os.pathsep.join(p for p in env.get("PATH", "/usr/bin:/bin").split(os.pathsep) if p and p != VENV_BIN)
-    env.update(
-        RAY_USAGE_STATS_ENABLED="0",
-        VMRNN_CACHE_DIR=str(tmp_path / "cache"),
-        PYTHONUNBUFFERED="1",
-        HOME=str(tmp_path / "home"),
-        PATH=path,
-    )
-    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # the script sets it for its local Ray
-    cmd = [sys.executable, str(REPO / "sweeps" / "taxibj.py"), "--smoke"]
-    t0 = time.monotonic()
-    first = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=600)
-    elapsed = time.monotonic() - t0
-    assert first.returncode == 0, (first.stdout + first.stderr)[-5000:]
-    out = first.stdout
+def test_smoke_sweep_on_embedded_defaults(smoke_sweep, tmp_path):
+    clone, env, cmd, elapsed = smoke_sweep["clone"], smoke_sweep["env"], smoke_sweep["cmd"], smoke_sweep["seconds"]
+    out, err = smoke_sweep["out"], smoke_sweep["err"]
     assert "sweep taxibj-smoke" in out and "trial" in out and "best so far" in out  # the live table
     assert "registered: vmrnn-taxibj version 1 is the champion" in out
     # Quiet: no TensorBoard advice, no MLflow registration chatter, no database set-up notes.
@@ -135,10 +117,10 @@ def test_smoke_sweep_on_embedded_defaults(tmp_path):
         "Creating initial MLflow database tables",
         "maximum expected startup concurrency",
     ):
-        assert noise not in first.stdout + first.stderr, noise
+        assert noise not in out + err, noise
     # The state lives beside the store it reports to (each checkout its own).
     assert (clone / "mlflow.db").is_file() and (clone / "mlruns").is_dir()
-    assert (clone / "ray_results" / "taxibj-smoke").is_dir() and not (tmp_path / "home" / "ray_results").exists()
+    assert (clone / "ray_results" / "taxibj-smoke").is_dir() and not (Path(env["HOME"]) / "ray_results").exists()
     print(f"smoke sweep: {elapsed:.0f} s")
     assert elapsed < 400, f"--smoke took {elapsed:.0f} s"
 
@@ -151,11 +133,8 @@ def test_smoke_sweep_on_embedded_defaults(tmp_path):
     # The printed commands, run as printed from a shell without the venv on PATH.
     ui, _, link = _printed(out, "look with: ").partition(", then open ")
     assert ui == f"{VENV_BIN}/mlflow ui --backend-store-uri {uri}", ui
-    experiment_id = parent.info.experiment_id
-    assert (
-        link
-        == f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{parent.info.run_id}?workflowType=machine_learning"
-    )
+    page = f"runs/{parent.info.run_id}?workflowType=machine_learning"  # the parent run, model-training view
+    assert link == f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/{page}", link
     port = free_port()
     server = subprocess.Popen(
         ["bash", "-c", ui],
@@ -205,9 +184,14 @@ def test_smoke_sweep_on_embedded_defaults(tmp_path):
     assert not (other / "ray_results").exists()
 
     # The store deleted to start over, its Tune state left behind: one line naming the folder to remove.
-    shutil.move(clone / "mlflow.db", tmp_path / "mlflow.db.old")
-    shutil.rmtree(clone / "mlruns")
-    orphan = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=300)
+    # (The store is moved aside and put back afterwards: other tests read this session's sweep.)
+    shutil.move(clone / "mlflow.db", tmp_path / "mlflow.db")
+    shutil.move(clone / "mlruns", tmp_path / "mlruns")
+    try:
+        orphan = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.move(tmp_path / "mlflow.db", clone / "mlflow.db")
+        shutil.move(tmp_path / "mlruns", clone / "mlruns")
     assert orphan.returncode == 2, orphan.stdout + orphan.stderr
     error = orphan.stderr.strip().splitlines()
     remove = f"rm -r {shlex.quote(str(state / 'taxibj-smoke'))} to start the sweep afresh"

@@ -135,6 +135,21 @@ def test_nan_loss_raises_training_diverged(data_root, tmp_path):
     assert str(again) == str(ei.value)
 
 
+def test_torchrun_entry_counts_epochs_from_1(data_root, tmp_path):
+    """`python -m vmrnn.train.torchrun_main` (one process here: torchrun's environment absent): its JSON
+    summary's best_epoch and the checkpoint folders count epochs from 1, as the console and MLflow do."""
+    from vmrnn.train.torchrun_main import main as torchrun_main
+
+    sets = ["preset=taxibj-tiny", "batch_size=4", "val_batch_size=4", "max_train_batches=3", "lr=3e-3", "seed=7"]
+    args = ["--dataset", "taxibj", "--data-dir", str(data_root), "--epochs", "2", "--no-tracking"]
+    args += ["--checkpoint-dir", str(tmp_path / "ck"), "--result-json", str(tmp_path / "result.json")]
+    assert torchrun_main(args + [a for s in sets for a in ("--set", s)]) == 0
+    summary = json.loads((tmp_path / "result.json").read_text())
+    state = load_state(tmp_path / "ck")
+    assert summary["best_epoch"] == state["best_epoch"] + 1 and summary["best_epoch"] in (1, 2)
+    assert sorted(d.name for d in (tmp_path / "ck").iterdir()) == ["epoch_0001", "epoch_0002"]
+
+
 def test_two_process_evaluation_equals_one_process(data_root, tmp_path):
     """Sharded evaluation (3 + 2 of the 5 val samples, no padding) summed with gloo equals one process."""
     torch.manual_seed(0)

@@ -6,7 +6,10 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -169,9 +172,17 @@ def test_prepared_copy_alone_is_enough(copy, root):
 
 
 def test_require_without_prepared_copy(tmp_path):
-    write_synthetic("custom", tmp_path)
-    with pytest.raises(DatasetNotFoundError, match="vmrnn data prepare"):
-        build_dataset("custom", tmp_path, "train", prepared="require")
+    data = tmp_path / "my data"  # a space: the printed command quotes the folder
+    write_synthetic("custom", data)
+    with pytest.raises(DatasetNotFoundError, match="vmrnn data prepare") as err:
+        build_dataset("custom", data, "train", prepared="require")
+    # The command the error prints runs as printed, from a shell without the venv on PATH, and prepares the data.
+    command = re.search(r"run `([^`]+)`", str(err.value)).group(1)
+    venv_bin = os.path.dirname(sys.executable)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != venv_bin)
+    ran = subprocess.run(["bash", "-c", command], env=dict(os.environ, PATH=path), capture_output=True, text=True)
+    assert ran.returncode == 0, (command, ran.stderr[-2000:])
+    assert len(build_dataset("custom", data, "train", prepared="require")) > 0
     with pytest.raises(DataError, match="prepared must be"):
         build_dataset("custom", tmp_path, "train", prepared=3)
 

@@ -57,3 +57,8 @@ def tool(
     if module:
         return f"{python(executable=executable, search_path=search_path, cwd=cwd)} -m {module}"
     return name
+
+
+def vmrnn_command(args: str) -> str:
+    """`vmrnn <args>` as the user's shell runs it (for the commands that error messages tell users to run)."""
+    return f"{tool('vmrnn', 'vmrnn')} {args}"

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from vmrnn.commands import vmrnn_command
 from vmrnn.data.base import LazyMixin
 from vmrnn.data.errors import DataFormatError
 
@@ -107,11 +108,12 @@ class ArrowRows(LazyMixin):
             reader = ipc.open_file(mm)
         except FileNotFoundError:
             raise DataFormatError(
-                f"{self.path}: prepared file is missing; run `vmrnn data prepare` again", self.path
+                f"{self.path}: prepared file is missing; run `{vmrnn_command('data prepare')}` again", self.path
             ) from None
         except (pa.ArrowException, OSError) as exc:
             raise DataFormatError(
-                f"{self.path}: not a readable Arrow IPC file ({exc}); run `vmrnn data prepare` again", self.path
+                f"{self.path}: not a readable Arrow IPC file ({exc}); run `{vmrnn_command('data prepare')}` again",
+                self.path,
             ) from None
         field = reader.schema.field(0) if reader.schema.names else None
         if field is None or field.name != "data" or field.type != pa.binary(self.row_nbytes):
@@ -134,12 +136,12 @@ class ArrowRows(LazyMixin):
                 bounds.append(bounds[-1] + len(col))
         except (pa.ArrowException, ValueError, OSError) as exc:
             raise DataFormatError(
-                f"{self.path}: corrupt Arrow IPC file ({exc}); run `vmrnn data prepare` again", self.path
+                f"{self.path}: corrupt Arrow IPC file ({exc}); run `{vmrnn_command('data prepare')}` again", self.path
             ) from None
         if self.n_rows is not None and bounds[-1] != self.n_rows:
             raise DataFormatError(
                 f"{self.path}: holds {bounds[-1]} rows, the manifest says {self.n_rows}; "
-                "run `vmrnn data prepare` again",
+                f"run `{vmrnn_command('data prepare')}` again",
                 self.path,
             )
         self._lazy_reader = (mm, reader)  # keep the mapping alive
@@ -181,7 +183,9 @@ class ArrowRows(LazyMixin):
         self._ensure()
         _, reader = self._lazy_reader  # type: ignore[misc]
         if name not in reader.schema.names:
-            raise DataFormatError(f"{self.path}: column {name!r} is missing; run `vmrnn data prepare` again", self.path)
+            raise DataFormatError(
+                f"{self.path}: column {name!r} is missing; run `{vmrnn_command('data prepare')}` again", self.path
+            )
         j = reader.schema.names.index(name)
         parts = [reader.get_batch(b).column(j).to_numpy(zero_copy_only=False) for b in range(reader.num_record_batches)]
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import warnings
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
 
+from vmrnn.commands import vmrnn_command
 from vmrnn.data.base import check_split
 from vmrnn.data.errors import DataError, DatasetNotFoundError
 from vmrnn.data.layout import locate
@@ -35,6 +37,11 @@ def _mode(prepared: Any) -> tuple[str, Path | None]:
     if isinstance(prepared, (str, os.PathLike)):
         return "require", Path(prepared)
     raise DataError(f"prepared must be 'auto', 'never', 'require', a bool or a folder, got {prepared!r}")
+
+
+def _prepare_command(name: str, data_dir: str | os.PathLike) -> str:
+    """The `vmrnn data prepare` line for this dataset and folder, as the user's shell runs it."""
+    return vmrnn_command(f"data prepare --dataset {name} --data-dir {shlex.quote(str(data_dir))}")
 
 
 def open_store(name: str, data_dir: str | os.PathLike, prepared: Any = "auto") -> Any:
@@ -67,8 +74,7 @@ def open_store(name: str, data_dir: str | os.PathLike, prepared: Any = "auto") -
         return loc.open_source()
     if not has_prepared:
         raise DatasetNotFoundError(
-            f"no prepared copy of {name} at {pdir} ({MANIFEST} missing); run "
-            f"`vmrnn data prepare --dataset {name} --data-dir {data_dir}`",
+            f"no prepared copy of {name} at {pdir} ({MANIFEST} missing); run `{_prepare_command(name, data_dir)}`",
             pdir / MANIFEST,
         )
     store = PreparedStore(pdir, family)
@@ -81,14 +87,13 @@ def open_store(name: str, data_dir: str | os.PathLike, prepared: Any = "auto") -
     if mode == "auto":
         warnings.warn(
             f"prepared copy {pdir} is stale ({reason}); reading the source files instead. "
-            f"Run `vmrnn data prepare --dataset {name} --data-dir {data_dir}` to refresh it.",
+            f"Run `{_prepare_command(name, data_dir)}` to refresh it.",
             StalePreparedWarning,
             stacklevel=3,
         )
         return src
     raise DataError(
-        f"prepared copy {pdir} does not match the source ({reason}); run "
-        f"`vmrnn data prepare --dataset {name} --data-dir {data_dir}` again"
+        f"prepared copy {pdir} does not match the source ({reason}); run `{_prepare_command(name, data_dir)}` again"
     )
 
 

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmrnn.commands import vmrnn_command
 from vmrnn.data.errors import DatasetNotFoundError
 from vmrnn.data.registry import DatasetSpec, get_dataset, synth_names
 
 PREPARED_DIRNAME = "prepared"
-SYNTH_HINT = "(or write a synthetic stand-in in the same layout: `vmrnn data synth --dataset {name} --out DIR`)"
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,8 @@ class Location:
         text = self.spec.origin.format(expected=self.expected_hint())
         synth = [n for n in synth_names() if get_dataset(n).family == self.family]
         if synth:
-            text += " " + SYNTH_HINT.format(name=synth[0])
+            synth_cmd = vmrnn_command(f"data synth --dataset {synth[0]} --out DIR")
+            text += f" (or write a synthetic stand-in in the same layout: `{synth_cmd}`)"
         return text
 
     def expected_hint(self) -> Path:

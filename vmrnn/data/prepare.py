@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from vmrnn import __version__
+from vmrnn.commands import vmrnn_command
 from vmrnn.data import kth as kth_mod
 from vmrnn.data.arrowio import ArrowRows, ArrowRowWriter
 from vmrnn.data.errors import DataError, DataFormatError, DatasetNotFoundError
@@ -139,7 +140,7 @@ class PreparedStore:
             raise DatasetNotFoundError(f"no prepared copy at {self.dir} ({MANIFEST} missing)", path) from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise DataFormatError(
-                f"{path}: unreadable manifest ({exc}); run `vmrnn data prepare` again", path
+                f"{path}: unreadable manifest ({exc}); run `{vmrnn_command('data prepare')}` again", path
             ) from None
         m = self.manifest
         if not isinstance(m, dict) or m.get("format") != FORMAT:
@@ -147,7 +148,7 @@ class PreparedStore:
         if m.get("format_version") != FORMAT_VERSION:
             raise DataFormatError(
                 f"{path}: prepared with format version {m.get('format_version')}, this vmrnn "
-                f"reads version {FORMAT_VERSION}; run `vmrnn data prepare` again",
+                f"reads version {FORMAT_VERSION}; run `{vmrnn_command('data prepare')}` again",
                 path,
             )
         if m.get("dataset") != family:
@@ -156,16 +157,18 @@ class PreparedStore:
             for info in m["parts"].values():
                 f = self.dir / info["file"]
                 if not f.is_file():
-                    raise DataFormatError(f"{f}: prepared file is missing; run `vmrnn data prepare` again", f)
+                    raise DataFormatError(
+                        f"{f}: prepared file is missing; run `{vmrnn_command('data prepare')}` again", f
+                    )
                 if os.path.getsize(f) != info["bytes"]:
                     raise DataFormatError(
                         f"{f}: {os.path.getsize(f)} bytes, the manifest says {info['bytes']} "
-                        "(truncated or modified); run `vmrnn data prepare` again",
+                        f"(truncated or modified); run `{vmrnn_command('data prepare')}` again",
                         f,
                     )
         except (KeyError, TypeError, AttributeError) as exc:
             raise DataFormatError(
-                f"{path}: malformed manifest ({exc!r}); run `vmrnn data prepare` again", path
+                f"{path}: malformed manifest ({exc!r}); run `{vmrnn_command('data prepare')}` again", path
             ) from None
         self.parts = tuple(m["parts"])
         self.meta = m.get("meta")

@@ -190,22 +190,8 @@ def test_cli_downloads_taxibj_that_the_loaders_read(tmp_path, server, published,
     files, src = published
     server.files.update(files)
     root = tmp_path / "data"
-    assert (
-        main(
-            [
-                "data",
-                "download",
-                "--dataset",
-                "taxibj",
-                "--data-dir",
-                str(root),
-                "--mirror",
-                server.url,
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    argv = ["data", "download", "--dataset", "taxibj", "--data-dir", str(root), "--mirror", server.url, "--no-progress"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"taxibj is in {root / 'taxibj'}" in out and "source data at" in out
     assert re.search(r"train +\d+ samples", out) and re.search(r"test +\d+ samples", out)
@@ -217,22 +203,7 @@ def test_cli_downloads_taxibj_that_the_loaders_read(tmp_path, server, published,
         _same_samples("taxibj", root, src, split)
     # a second run finds it in place and downloads nothing
     n = len(server.log)
-    assert (
-        main(
-            [
-                "data",
-                "download",
-                "--dataset",
-                "taxibj",
-                "--data-dir",
-                str(root),
-                "--mirror",
-                server.url,
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert main(argv) == 0
     assert "already there" in capsys.readouterr().out and len(server.log) == n
 
 

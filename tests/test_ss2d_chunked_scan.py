@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from vmrnn.ops import ss2d_scan as fs
-from vmrnn.ops.scan_plan import TARGET_PROGRAMS, ScanPlan, scan_plan
+from vmrnn.ops.scan_plan import MIN_SEG_CK, SEG_CK, TARGET_PROGRAMS, ScanPlan, scan_plan
 
 CUDA = torch.cuda.is_available()
 HERE = Path(__file__).resolve()
@@ -113,8 +113,12 @@ def test_combine_reference_is_the_sequential_recurrence():
     assert torch.allclose(back[:, 0], torch.exp(sdt[:, 1, None] * a) * loc[:, 2] + loc[:, 1])
 
 
-def test_scan_plan_segments_long_sequences_only():
-    assert scan_plan(16, 64, 256, 16).nseg == 1  # TaxiBJ: one chunk, no segments
+def test_scan_plan_segments_when_programs_are_few():
+    assert scan_plan(128, 64, 256, 16).nseg == 1  # 8x8 grid, 4096 programs: no segments
+    taxibj = scan_plan(16, 64, 256, 16)  # TaxiBJ: 512 programs, shorter than two chunks -> short chunks
+    assert taxibj.nseg > 1 and taxibj.ck >= MIN_SEG_CK and taxibj.nseg * taxibj.cps * taxibj.ck >= 64
+    assert 16 * 4 * (256 // taxibj.bd) * taxibj.nseg <= TARGET_PROGRAMS
+    assert scan_plan(16, 256, 512, 16).ck == SEG_CK  # two chunks or more: chunks of SEG_CK
     kth = scan_plan(4, 4096, 256, 16)  # KTH: 128 programs -> segmented
     assert kth.nseg > 1 and kth.nseg * kth.cps * kth.ck >= 4096 and kth.bd == 32
     assert 4 * 4 * (256 // kth.bd) * kth.nseg <= TARGET_PROGRAMS
@@ -123,13 +127,14 @@ def test_scan_plan_segments_long_sequences_only():
 def test_scan_plan_choices_are_explicit_arguments():
     """Each keyword fixes one choice and the rest follow; the same sizes always give the same plan."""
     auto = scan_plan(2, 35, 6, 4)
-    assert auto == scan_plan(2, 35, 6, 4) and auto.nseg == 1
+    assert auto == scan_plan(2, 35, 6, 4)
     forced = scan_plan(2, 35, 6, 4, ck=8, nseg=2)
     assert forced == ScanPlan(bd=8, ck=8, u_fwd=8, u_bwd=4, warps=1, nseg=2, cps=3)
     assert forced.nc == 6 and forced.nc * forced.ck >= 35  # 5 chunks -> segments of 3 (one padded)
     assert scan_plan(1, 36, 40, 2, ck=8, nseg=5, bd=16).bd == 16
     assert scan_plan(4, 4096, 256, 16, nseg=1).nseg == 1  # segments can be turned off
     assert scan_plan(1, 9, 8, 4).ck == 16  # short sequences: one chunk
+    assert scan_plan(2, 35, 6, 4, ck=16).nseg == 2  # a chunk length given: segments of whole chunks
 
 
 def test_reference_ignores_the_launch_plan():

@@ -14,11 +14,12 @@ N_DIR = 4
 # The chunk-parallel scan splits each sequence into segments until about this many programs (one warp
 # each) run: 132 SMs x ~32 resident warps. Fewer programs leave the SMs waiting on each token's latency.
 TARGET_PROGRAMS = 4096
-# Segmented plans (long sequences): the chunk length CK (also the interval of the saved states) and the
-# backward's unroll U. Chosen by a sweep on the H100 (benchmarks/gpu_checks.py scan_variants;
-# docs/PERFORMANCE.md).
+# Segmented plans: the chunk length CK (also the interval of the saved states) and the backward's unroll U.
+# Chosen by a sweep on the H100 (benchmarks/gpu_checks.py scan_variants; docs/PERFORMANCE.md). Sequences too
+# short for enough CK-chunks (TaxiBJ's 8x8 grid) take shorter chunks, down to MIN_SEG_CK tokens.
 SEG_CK = 64
 SEG_UB = 4
+MIN_SEG_CK = 8
 
 
 class ScanPlan(NamedTuple):
@@ -57,8 +58,8 @@ def scan_plan(
 ) -> ScanPlan:
     """How the Triton scan runs a size; each keyword fixes one choice and the rest follow from it.
 
-    When batch x 4 directions x D/32 programs are too few to fill the GPU (long sequences at small
-    batch: KTH's 64x64 grid at B=4, Moving MNIST's 32x32), the sequence is cut into nseg segments that
+    When batch x 4 directions x D/32 programs are too few to fill the GPU (KTH's 64x64 grid at B=4,
+    Moving MNIST's 32x32, TaxiBJ's 8x8 in chunks of 8 tokens), the sequence is cut into nseg segments that
     run in parallel from a zero state, a short sequential pass carries the states across the segments
     (the recurrence is diagonal, so segment s maps a carried state x to exp(A sum dt) x + its own end
     state), and each segment is replayed from its true start state. The backward does the same for the
@@ -69,12 +70,15 @@ def scan_plan(
     u_fwd = 8 if u_fwd is None else u_fwd
     warps = 1 if warps is None else warps
     seg_ck = SEG_CK if ck is None else ck
-    nc = _cdiv(L, seg_ck)
     if nseg is None:
         base = batch * N_DIR * _cdiv(d, 32)
         nseg = 1
-        while nseg * 2 <= nc and base * nseg * 2 <= TARGET_PROGRAMS:
+        while nseg * 2 <= _cdiv(L, seg_ck) and base * nseg * 2 <= TARGET_PROGRAMS:
             nseg *= 2
+        if nseg == 1 and ck is None:  # shorter than two chunks: segments of shorter chunks
+            while L >= nseg * 2 * MIN_SEG_CK and base * nseg * 2 <= TARGET_PROGRAMS:
+                nseg *= 2
+            seg_ck = max(MIN_SEG_CK, 1 << (_cdiv(L, nseg) - 1).bit_length())
     nseg = max(1, nseg)
     if nseg > 1:
         bd = 32 if bd is None else bd
@@ -93,4 +97,4 @@ def scan_plan(
     return ScanPlan(bd, ck, u_fwd, u_bwd, warps, nseg, cps)
 
 
-__all__ = ["N_DIR", "SEG_CK", "SEG_UB", "TARGET_PROGRAMS", "ScanPlan", "scan_plan"]
+__all__ = ["MIN_SEG_CK", "N_DIR", "SEG_CK", "SEG_UB", "TARGET_PROGRAMS", "ScanPlan", "scan_plan"]

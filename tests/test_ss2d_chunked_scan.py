@@ -118,6 +118,7 @@ def test_scan_plan_segments_when_programs_are_few():
     taxibj = scan_plan(16, 64, 256, 16)  # TaxiBJ: 512 programs, shorter than two chunks -> short chunks
     assert taxibj.nseg > 1 and taxibj.ck >= MIN_SEG_CK and taxibj.nseg * taxibj.cps * taxibj.ck >= 64
     assert 16 * 4 * (256 // taxibj.bd) * taxibj.nseg <= TARGET_PROGRAMS
+    assert scan_plan(16, 64, 512, 16).nseg == 1  # 8x8 grid, 1024 programs: one walk (measured faster)
     assert scan_plan(16, 256, 512, 16).ck == SEG_CK  # two chunks or more: chunks of SEG_CK
     kth = scan_plan(4, 4096, 256, 16)  # KTH: 128 programs -> segmented
     assert kth.nseg > 1 and kth.nseg * kth.cps * kth.ck >= 4096 and kth.bd == 32

@@ -59,7 +59,7 @@ def scan_plan(
     """How the Triton scan runs a size; each keyword fixes one choice and the rest follow from it.
 
     When batch x 4 directions x D/32 programs are too few to fill the GPU (KTH's 64x64 grid at B=4,
-    Moving MNIST's 32x32, TaxiBJ's 8x8 in chunks of 8 tokens), the sequence is cut into nseg segments that
+    Moving MNIST's 32x32, TaxiBJ's 8x8 in chunks of 16 tokens), the sequence is cut into nseg segments that
     run in parallel from a zero state, a short sequential pass carries the states across the segments
     (the recurrence is diagonal, so segment s maps a carried state x to exp(A sum dt) x + its own end
     state), and each segment is replayed from its true start state. The backward does the same for the

@@ -77,7 +77,7 @@ def scan_plan(
             nseg *= 2
         if nseg == 1 and ck is None and base < TARGET_PROGRAMS // 4:
             # shorter than two chunks and far from full: segments of shorter chunks, to half the target
-            # (each costs a pass and a combine step: at 1024 programs one walk is already as fast)
+            # (each costs a pass and a combine step: at 1024 programs one walk measured faster)
             while L >= nseg * 2 * MIN_SEG_CK and base * nseg * 2 <= TARGET_PROGRAMS // 2:
                 nseg *= 2
             seg_ck = max(MIN_SEG_CK, 1 << (_cdiv(L, nseg) - 1).bit_length())

@@ -205,9 +205,13 @@ def scans(out, sweep):
     json.dump(res, open(out, "w"), indent=1)
 
 
-# scan_plan choices per variant ({}: the default plan of each shape)
+# scan_plan choices per variant ({}: the default plan of each shape): chunk length and backward unroll of the
+# segmented plan (long sequences), then segments of short sequences (8x8 grids); `--only` picks by key
 SEG_VARIANTS = [
     {},
+    dict(ck=64, u_bwd=8),
+    dict(ck=128),
+    dict(ck=32),
     dict(ck=64, nseg=1),
     dict(ck=64, bd=16, nseg=1),
     dict(ck=32, nseg=2),

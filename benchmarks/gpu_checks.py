@@ -220,6 +220,7 @@ SEG_VARIANTS = [
     dict(ck=16, bd=16, nseg=4),
     dict(ck=8, bd=16, nseg=8),
 ]
+# SS2D scan shapes (batch, H, W, scan channels D = 2x the block's model dim in SHAPES)
 SEG_SHAPES = {
     "kth": (4, 64, 64, 256),
     "mmnist-l0": (16, 32, 32, 256),
@@ -459,6 +460,9 @@ if __name__ == "__main__":
     ap.add_argument("--presets", default="taxibj,kth,mmnist", help="profile: comma-separated presets")
     ap.add_argument("--mode", default="bf16-fused", help="profile: an eager execution mode")
     a = ap.parse_args()
+    unknown = set(filter(None, a.shapes.split(","))) - set(SEG_SHAPES)
+    if unknown:
+        ap.error(f"--shapes: unknown {sorted(unknown)}; choose from {sorted(SEG_SHAPES)}")
     if a.what == "profile":
         profile(a.out, a.presets.split(","), a.mode)
     elif a.what == "bwd_parts":

@@ -206,7 +206,8 @@ def scans(out, sweep):
 
 
 # scan_plan choices per variant ({}: the default plan of each shape): chunk length and backward unroll of the
-# segmented plan (long sequences), then segments of short sequences (8x8 grids); `--only` picks by key
+# segmented plan (long sequences), segments of short sequences (8x8 grids), then the backward's rebuild block
+# (sub); `--only` picks by key
 SEG_VARIANTS = [
     {},
     dict(ck=64, u_bwd=8),
@@ -219,6 +220,14 @@ SEG_VARIANTS = [
     dict(ck=8, nseg=8),
     dict(ck=16, bd=16, nseg=4),
     dict(ck=8, bd=16, nseg=8),
+    dict(sub=64),
+    dict(sub=32),
+    dict(sub=16),
+    dict(sub=8),
+    dict(sub=4),
+    dict(sub=2, u_bwd=2),
+    dict(ck=64, u_bwd=8, sub=8),
+    dict(ck=128, sub=4),
 ]
 # SS2D scan shapes (batch, H, W, scan channels D = 2x the block's model dim in SHAPES)
 SEG_SHAPES = {
@@ -238,7 +247,7 @@ def scan_variants(out, only="", shapes=""):
     best, best_t = None, float("inf")
     for choices in SEG_VARIANTS:
         key = "-".join(f"{k}{v}" for k, v in choices.items()) or "default"
-        if only and only not in key:
+        if only and not any(o == key or (o != "default" and o in key) for o in only.split(",")):
             continue
         r = {}
         try:
@@ -455,7 +464,7 @@ if __name__ == "__main__":
     ap.add_argument("what", choices=["presets", "scans", "scan_variants", "profile", "bwd_parts"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--only", default="", help="scan_variants: variants whose key contains this")
+    ap.add_argument("--only", default="", help="scan_variants: comma-separated keys (or parts of keys)")
     ap.add_argument("--shapes", default="", help="scan_variants: comma-separated SEG_SHAPES names (default all)")
     ap.add_argument("--presets", default="taxibj,kth,mmnist", help="profile: comma-separated presets")
     ap.add_argument("--mode", default="bf16-fused", help="profile: an eager execution mode")

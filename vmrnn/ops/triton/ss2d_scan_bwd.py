@@ -1,8 +1,10 @@
 """The backward kernel of the fused SS2D scan and its launcher (layout: `vmrnn.ops.ss2d_scan`).
 
-Each CK-chunk restarts from its stored start state; the chunk's states go to a small scratch buffer
-(L2-resident) and the program walks back through the chunk, carrying the state adjoint. dB / dC are
-written per channel block and dA / dD / dbias per (batch, segment), and summed on the host side.
+Each CK-chunk restarts from its stored start state. A first walk through the chunk keeps the start state of
+every SUB-token block; then, block by block from the end, the block's states are rebuilt into a per-program
+scratch buffer of SUB states (small enough for the caches) and the program walks back through the block,
+carrying the state adjoint. dB / dC are written per channel block and dA / dD / dbias per (batch, segment),
+and summed on the host side.
 """
 
 from __future__ import annotations
@@ -15,6 +17,47 @@ from torch import Tensor
 from vmrnn.ops.scan_plan import N_DIR, ScanPlan
 from vmrnn.ops.triton import require_triton
 from vmrnn.ops.triton.ss2d_combine import ss2d_combine
+
+
+@triton.jit
+def _state_step(
+    h,
+    u_base,
+    d_base,
+    b_base,
+    l,
+    L,
+    H,
+    W,
+    k,
+    su_l,
+    sd_l,
+    sb_l,
+    A,
+    bias,
+    dmask,
+    offs_n,
+    N: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """The state after scan step l of direction k: exp(dt A) h + dt u B, read at the token's spatial place."""
+    valid = l < L
+    ls = tl.where(k >= 2, L - 1 - l, l)
+    pos = tl.where((k % 2) == 1, (ls % H) * W + ls // H, ls)  # spatial place of step l
+    m = dmask & valid
+    u = tl.load(u_base + pos * su_l, mask=m, other=0.0).to(tl.float32)
+    dt = tl.load(d_base + pos * sd_l, mask=m, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt = dt + bias
+    if SOFTPLUS:
+        # softplus = log1p(exp(x)), log1p by Goldberg's trick; x itself above 20 (as torch)
+        e = tl.exp(tl.minimum(dt, 20.0))
+        e1 = 1.0 + e
+        dt = tl.where(dt > 20.0, dt, tl.where(e1 == 1.0, e, tl.log(e1) * e / (e1 - 1.0)))
+    dt = tl.where(m, dt, 0.0)
+    bv = tl.load(b_base + pos * sb_l, mask=(offs_n < N) & valid, other=0.0).to(tl.float32)
+    return tl.exp2(dt[:, None] * A) * h + (dt * u)[:, None] * bv[None, :]
 
 
 @triton.jit
@@ -64,6 +107,8 @@ def _ss2d_bwd_kernel(
     N: tl.constexpr,
     BD: tl.constexpr,
     CK: tl.constexpr,
+    SUB: tl.constexpr,
+    NSLOT: tl.constexpr,
     U: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr,
@@ -89,6 +134,8 @@ def _ss2d_bwd_kernel(
         dsk = tl.load(dsk_ptr + ch, mask=dmask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + ch, mask=dmask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BD,), dtype=tl.float32)
     u_base = u_ptr + pid_b * su_b + offs_d
     d_base = dl_ptr + pid_b * sd_b + k * sd_k + offs_d
     b_base = b_ptr + pid_b * sb_b + k * sb_k + offs_n
@@ -101,7 +148,9 @@ def _ss2d_bwd_kernel(
     dC_base = dC_ptr + pid_b * L * 4 * NBLK * N + k * NBLK * N + pid_d * N + offs_n
     hc_base = hc_ptr + ((pid_b * 4 + k) * NC) * D * N + offs_n[None, :] * D + offs_d[:, None]
     prog = ((pid_b * 4 + k) * NBLK + pid_d) * NSEG + seg
-    scr_base = scr_ptr + prog * (CK * BD * N) + offs_n[None, :] * BD + tl.arange(0, BD)[:, None]
+    # scratch per program (NSLOT states): SUB rebuilt states, then (SUB < CK) the CK // SUB block start states
+    scr_base = scr_ptr + prog * (NSLOT * BD * N) + offs_n[None, :] * BD + tl.arange(0, BD)[:, None]
+    ckp_base = scr_base + SUB * (BD * N)
     scr3 = scr_base[:, :, None]
     uu = tl.arange(0, U)
     sidx = (pid_b * 4 + k) * NSEG + seg
@@ -145,99 +194,137 @@ def _ss2d_bwd_kernel(
         db_acc = tl.zeros((BD,), dtype=tl.float32)
         for cc in range(CPS):
             c = seg * CPS + CPS - 1 - cc
-            # 1) rebuild the chunk's states from its stored start state (stores batched per U tokens,
-            #    so the block's loads are not held behind them)
             h = tl.load(hc_base + c * D * N, mask=dmask[:, None], other=0.0)
-            for s in range(CK // U):
-                hbuf = tl.zeros((BD, N, U), dtype=tl.float32)
-                for j in tl.static_range(U):
-                    l = c * CK + s * U + j
-                    valid = l < L
-                    ls = tl.where(k >= 2, L - 1 - l, l)
-                    pos = tl.where((k % 2) == 1, (ls % H) * W + ls // H, ls)  # spatial place of step l
-                    m = dmask & valid
-                    u = tl.load(u_base + pos * su_l, mask=m, other=0.0).to(tl.float32)
-                    dt = tl.load(d_base + pos * sd_l, mask=m, other=0.0).to(tl.float32)
-                    if HAS_BIAS:
-                        dt = dt + bias
-                    if SOFTPLUS:
-                        # softplus = log1p(exp(x)), log1p by Goldberg's trick; x itself above 20 (as torch)
-                        e = tl.exp(tl.minimum(dt, 20.0))
-                        e1 = 1.0 + e
-                        dt = tl.where(dt > 20.0, dt, tl.where(e1 == 1.0, e, tl.log(e1) * e / (e1 - 1.0)))
-                    dt = tl.where(m, dt, 0.0)
-                    nm = (offs_n < N) & valid
-                    bv = tl.load(b_base + pos * sb_l, mask=nm, other=0.0).to(tl.float32)
-                    h = tl.exp2(dt[:, None] * A) * h + (dt * u)[:, None] * bv[None, :]
-                    hbuf = tl.where(uu[None, None, :] == j, h[:, :, None], hbuf)
-                tl.store(scr3 + (s * U + uu)[None, None, :] * (BD * N), hbuf)
-            tl.debug_barrier()
-            # 2) walk back through the chunk (outputs batched per U tokens, as above)
-            for ss in range(CK // U):
-                s = CK // U - 1 - ss
-                dubuf = tl.zeros((BD, U), dtype=tl.float32)
-                ddbuf = tl.zeros((BD, U), dtype=tl.float32)
-                dBbuf = tl.zeros((N, U), dtype=tl.float32)
-                dCbuf = tl.zeros((N, U), dtype=tl.float32)
-                for jj in tl.static_range(U):
-                    j = U - 1 - jj
-                    l = c * CK + s * U + j
-                    valid = l < L
-                    ls = tl.where(k >= 2, L - 1 - l, l)
-                    pos = tl.where((k % 2) == 1, (ls % H) * W + ls // H, ls)  # spatial place of step l
-                    m = dmask & valid
-                    u = tl.load(u_base + pos * su_l, mask=m, other=0.0).to(tl.float32)
-                    draw = tl.load(d_base + pos * sd_l, mask=m, other=0.0).to(tl.float32)
-                    if HAS_BIAS:
-                        draw = draw + bias
-                    if SOFTPLUS:
-                        # softplus = log1p(exp(x)), log1p by Goldberg's trick; x itself above 20 (as torch)
-                        e = tl.exp(tl.minimum(draw, 20.0))
-                        e1 = 1.0 + e
-                        dt = tl.where(draw > 20.0, draw, tl.where(e1 == 1.0, e, tl.log(e1) * e / (e1 - 1.0)))
-                    else:
-                        dt = draw
-                    dt = tl.where(m, dt, 0.0)
-                    nm = (offs_n < N) & valid
-                    bv = tl.load(b_base + pos * sb_l, mask=nm, other=0.0).to(tl.float32)
-                    cv = tl.load(c_base + pos * sc_l, mask=nm, other=0.0).to(tl.float32)
-                    dy = tl.load(dy_base + pos * sy_l, mask=m, other=0.0).to(tl.float32)
-                    dA = tl.exp2(dt[:, None] * A)
-                    hl = tl.load(scr_base + (s * U + j) * BD * N)
-                    g = g_carry + cv[None, :] * dy[:, None]
-                    dtu = dt * u
-                    hp = hl - dtu[:, None] * bv[None, :]  # = dA_l * h_{l-1}, no division
-                    ghp = g * hp
-                    gb = tl.sum(g * bv[None, :], axis=1)
-                    ddt = tl.sum(ghp * A_nat, axis=1) + gb * u
-                    dA_acc += ghp * dt[:, None]
-                    du = gb * dt
-                    if HAS_D:
-                        du += dsk * dy
-                        dD_acc += dy * u
-                    dBp = tl.sum(g * dtu[:, None], axis=0)
-                    dCp = tl.sum(hl * dy[:, None], axis=0)
-                    if SOFTPLUS:
-                        ddt = ddt * tl.sigmoid(draw)
-                    ddt = tl.where(m, ddt, 0.0)
-                    db_acc += ddt
-                    sel = uu[None, :] == j
-                    dubuf = tl.where(sel, du[:, None], dubuf)
-                    ddbuf = tl.where(sel, ddt[:, None], ddbuf)
-                    dBbuf = tl.where(sel, dBp[:, None], dBbuf)
-                    dCbuf = tl.where(sel, dCp[:, None], dCbuf)
-                    g_carry = dA * g
-                lv = c * CK + s * U + uu
-                lsv = tl.where(k >= 2, L - 1 - lv, lv)
-                posv = tl.where((k % 2) == 1, (lsv % H) * W + lsv // H, lsv)
-                vm = (lv < L)[None, :]
-                om = dmask[:, None] & vm
-                tl.store(du_base[:, None] + posv[None, :] * (4 * D), dubuf.to(du_ptr.dtype.element_ty), mask=om)
-                tl.store(ddl_base[:, None] + posv[None, :] * (4 * D), ddbuf.to(ddl_ptr.dtype.element_ty), mask=om)
-                nmv = (offs_n < N)[:, None] & vm
-                tl.store(dB_base[:, None] + posv[None, :] * (4 * NBLK * N), dBbuf, mask=nmv)
-                tl.store(dC_base[:, None] + posv[None, :] * (4 * NBLK * N), dCbuf, mask=nmv)
-            tl.debug_barrier()
+            if SUB < CK:
+                # 0) walk the chunk from its stored start state, keeping every SUB-block's start state: the
+                #    rebuilt states then go through the scratch a block at a time (a short reuse distance)
+                for sb in range(CK // SUB):
+                    tl.store(ckp_base + sb * (BD * N), h)
+                    for s in range(SUB // U):
+                        for j in tl.static_range(U):
+                            l = c * CK + sb * SUB + s * U + j
+                            h = _state_step(
+                                h,
+                                u_base,
+                                d_base,
+                                b_base,
+                                l,
+                                L,
+                                H,
+                                W,
+                                k,
+                                su_l,
+                                sd_l,
+                                sb_l,
+                                A,
+                                bias,
+                                dmask,
+                                offs_n,
+                                N,
+                                SOFTPLUS,
+                                HAS_BIAS,
+                            )
+                tl.debug_barrier()
+            for sbr in range(CK // SUB):
+                sb = CK // SUB - 1 - sbr
+                l0 = c * CK + sb * SUB
+                if SUB < CK:
+                    h = tl.load(ckp_base + sb * (BD * N))
+                # 1) rebuild the block's states from its start state (stores batched per U tokens, so the
+                #    block's loads are not held behind them)
+                for s in range(SUB // U):
+                    hbuf = tl.zeros((BD, N, U), dtype=tl.float32)
+                    for j in tl.static_range(U):
+                        h = _state_step(
+                            h,
+                            u_base,
+                            d_base,
+                            b_base,
+                            l0 + s * U + j,
+                            L,
+                            H,
+                            W,
+                            k,
+                            su_l,
+                            sd_l,
+                            sb_l,
+                            A,
+                            bias,
+                            dmask,
+                            offs_n,
+                            N,
+                            SOFTPLUS,
+                            HAS_BIAS,
+                        )
+                        hbuf = tl.where(uu[None, None, :] == j, h[:, :, None], hbuf)
+                    tl.store(scr3 + (s * U + uu)[None, None, :] * (BD * N), hbuf)
+                tl.debug_barrier()
+                # 2) walk back through the block (outputs batched per U tokens, as above)
+                for ss in range(SUB // U):
+                    s = SUB // U - 1 - ss
+                    dubuf = tl.zeros((BD, U), dtype=tl.float32)
+                    ddbuf = tl.zeros((BD, U), dtype=tl.float32)
+                    dBbuf = tl.zeros((N, U), dtype=tl.float32)
+                    dCbuf = tl.zeros((N, U), dtype=tl.float32)
+                    for jj in tl.static_range(U):
+                        j = U - 1 - jj
+                        l = l0 + s * U + j
+                        valid = l < L
+                        ls = tl.where(k >= 2, L - 1 - l, l)
+                        pos = tl.where((k % 2) == 1, (ls % H) * W + ls // H, ls)  # spatial place of step l
+                        m = dmask & valid
+                        u = tl.load(u_base + pos * su_l, mask=m, other=0.0).to(tl.float32)
+                        draw = tl.load(d_base + pos * sd_l, mask=m, other=0.0).to(tl.float32)
+                        if HAS_BIAS:
+                            draw = draw + bias
+                        if SOFTPLUS:
+                            # softplus = log1p(exp(x)), log1p by Goldberg's trick; x itself above 20 (as torch)
+                            e = tl.exp(tl.minimum(draw, 20.0))
+                            e1 = 1.0 + e
+                            dt = tl.where(draw > 20.0, draw, tl.where(e1 == 1.0, e, tl.log(e1) * e / (e1 - 1.0)))
+                        else:
+                            dt = draw
+                        dt = tl.where(m, dt, 0.0)
+                        nm = (offs_n < N) & valid
+                        bv = tl.load(b_base + pos * sb_l, mask=nm, other=0.0).to(tl.float32)
+                        cv = tl.load(c_base + pos * sc_l, mask=nm, other=0.0).to(tl.float32)
+                        dy = tl.load(dy_base + pos * sy_l, mask=m, other=0.0).to(tl.float32)
+                        dA = tl.exp2(dt[:, None] * A)
+                        hl = tl.load(scr_base + (s * U + j) * BD * N)
+                        g = g_carry + cv[None, :] * dy[:, None]
+                        dtu = dt * u
+                        hp = hl - dtu[:, None] * bv[None, :]  # = dA_l * h_{l-1}, no division
+                        ghp = g * hp
+                        gb = tl.sum(g * bv[None, :], axis=1)
+                        ddt = tl.sum(ghp * A_nat, axis=1) + gb * u
+                        dA_acc += ghp * dt[:, None]
+                        du = gb * dt
+                        if HAS_D:
+                            du += dsk * dy
+                            dD_acc += dy * u
+                        dBp = tl.sum(g * dtu[:, None], axis=0)
+                        dCp = tl.sum(hl * dy[:, None], axis=0)
+                        if SOFTPLUS:
+                            ddt = ddt * tl.sigmoid(draw)
+                        ddt = tl.where(m, ddt, 0.0)
+                        db_acc += ddt
+                        sel = uu[None, :] == j
+                        dubuf = tl.where(sel, du[:, None], dubuf)
+                        ddbuf = tl.where(sel, ddt[:, None], ddbuf)
+                        dBbuf = tl.where(sel, dBp[:, None], dBbuf)
+                        dCbuf = tl.where(sel, dCp[:, None], dCbuf)
+                        g_carry = dA * g
+                    lv = l0 + s * U + uu
+                    lsv = tl.where(k >= 2, L - 1 - lv, lv)
+                    posv = tl.where((k % 2) == 1, (lsv % H) * W + lsv // H, lsv)
+                    vm = (lv < L)[None, :]
+                    om = dmask[:, None] & vm
+                    tl.store(du_base[:, None] + posv[None, :] * (4 * D), dubuf.to(du_ptr.dtype.element_ty), mask=om)
+                    tl.store(ddl_base[:, None] + posv[None, :] * (4 * D), ddbuf.to(ddl_ptr.dtype.element_ty), mask=om)
+                    nmv = (offs_n < N)[:, None] & vm
+                    tl.store(dB_base[:, None] + posv[None, :] * (4 * NBLK * N), dBbuf, mask=nmv)
+                    tl.store(dC_base[:, None] + posv[None, :] * (4 * NBLK * N), dCbuf, mask=nmv)
+                tl.debug_barrier()
         pb = pid_b * NSEG + seg  # partials per (batch, segment), summed on the host side
         tl.store(dA_ptr + pb * 4 * D * N + offs_n[None, :] * (4 * D) + ch[:, None], dA_acc, mask=dmask[:, None])
         if HAS_D:
@@ -282,7 +369,8 @@ def ss2d_scan_bwd(
     dAp = torch.empty((b * nseg, n, N_DIR * d), device=dev, dtype=torch.float32)
     dDp = torch.empty((b * nseg, N_DIR * d), device=dev, dtype=torch.float32)
     dbp = torch.empty((b * nseg, N_DIR * d), device=dev, dtype=torch.float32)
-    scr = torch.empty((b * N_DIR * nblk * nseg, ck, n, bd), device=dev, dtype=torch.float32)
+    nslot = p.sub + ck // p.sub if p.sub < ck else p.sub  # rebuilt states, then the block start states
+    scr = torch.empty((b * N_DIR * nblk * nseg, nslot, n, bd), device=dev, dtype=torch.float32)
     dummy = At
     chunked = nseg > 1
     gl = torch.empty((b * N_DIR * nseg, n, d), device=dev, dtype=torch.float32) if chunked else dummy
@@ -337,6 +425,8 @@ def ss2d_scan_bwd(
             N=n,
             BD=bd,
             CK=ck,
+            SUB=p.sub,
+            NSLOT=nslot,
             U=p.u_bwd,
             SOFTPLUS=delta_softplus,
             HAS_D=Ds is not None,

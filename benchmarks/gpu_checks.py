@@ -5,6 +5,7 @@
   python benchmarks/gpu_checks.py scan_variants --out v.json     # segmented-scan plans: check, time, pick
   python benchmarks/gpu_checks.py profile --out p.json           # GPU time per kernel of one training step
   python benchmarks/gpu_checks.py bwd_parts --out b.json          # what each part of the scan backward costs
+  python benchmarks/gpu_checks.py epilogue --out e.json           # the SS2D epilogue op against torch: check, time
 
 Launch plans are explicit arguments (`vmrnn.ops.scan_plan.scan_plan(..., ck=..., bd=...)` passed as
 `ss2d_scan_triton(..., plan=...)`); nothing global changes how the kernels run.
@@ -459,9 +460,51 @@ def bwd_parts(out):
         json.dump(res, open(out, "w"), indent=1)
 
 
+def epilogue(out):
+    """The SS2D epilogue (sum of the four directions, out_norm, SiLU gate) at the SS2D shapes: the Triton op
+    against the torch composition, fp32 outputs and gradients, then forward+backward GPU time in bf16."""
+    from vmrnn.ops.merge_norm_gate import merge_norm_gate
+
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": {}}
+    for name, (b, h, w, d) in SEG_SHAPES.items():
+        g = torch.Generator(device="cuda").manual_seed(0)
+        base = [
+            torch.randn(b, h * w, 4, d, device="cuda", generator=g),
+            torch.randn(b, h, w, 2 * d, device="cuda", generator=g),
+            torch.randn(d, device="cuda", generator=g),
+            torch.randn(d, device="cuda", generator=g),
+        ]
+        go = torch.randn(b, h, w, d, device="cuda", generator=g)
+        r = {}
+        try:
+            for dtype in (torch.float32, torch.bfloat16):
+                runs = {}
+                for backend in ("torch", "triton"):
+                    x = [base[0].to(dtype), base[1].to(dtype), base[2], base[3]]
+                    x = [t.clone().requires_grad_(True) for t in x]
+
+                    def f(x=x, backend=backend):
+                        return merge_norm_gate(x[0], x[1][..., d:], x[2], x[3], 1e-5, backend=backend)
+
+                    (f().float() * go).sum().backward()
+                    runs[backend] = [f().detach()] + [t.grad.clone() for t in x]
+                    if dtype == torch.bfloat16:
+                        gob = go.to(dtype)
+                        r[f"{backend}_fwdbwd_gpu_ms"] = round(gpu_ms(lambda f=f, gob=gob: f().backward(gob)), 4)
+                key = "fp32_max_rel_err" if dtype == torch.float32 else "bf16_max_rel_err"
+                r[key] = max(rel(a, c) for a, c in zip(runs["triton"], runs["torch"]))
+            if not r["fp32_max_rel_err"] < 1e-4:
+                raise RuntimeError(f"wrong: fp32 rel err {r['fp32_max_rel_err']}")
+        except Exception as exc:  # noqa: BLE001
+            r["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        res["shapes"][name] = r
+        print(name, json.dumps(r), flush=True)
+        json.dump(res, open(out, "w"), indent=1)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["presets", "scans", "scan_variants", "profile", "bwd_parts"])
+    ap.add_argument("what", choices=["presets", "scans", "scan_variants", "profile", "bwd_parts", "epilogue"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--only", default="", help="scan_variants: comma-separated keys (or parts of keys)")
@@ -476,6 +519,8 @@ if __name__ == "__main__":
         profile(a.out, a.presets.split(","), a.mode)
     elif a.what == "bwd_parts":
         bwd_parts(a.out)
+    elif a.what == "epilogue":
+        epilogue(a.out)
     elif a.what == "scan_variants":
         scan_variants(a.out, a.only, a.shapes)
     else:

@@ -57,7 +57,11 @@ def test_execution_config_modes():
     assert fast.precision == "bf16" and fast.fused and fast.cuda_graphs and not fast.compile
     assert MODES["fast-compile"] == fast.replace(compile=True)
     assert MODES["fast-ckpt"] == fast.replace(checkpoint_steps=True)
+    assert MODES["fast-norm"] == fast.replace(fused_norm=True) and not fast.fused_norm
     assert fast.describe() == "bf16+fused+graphs"
+    assert MODES["fast-norm"].describe() == "bf16+fused+norm+graphs"
+    with pytest.raises(ValueError, match="fused_norm needs the fused SS2D layout"):
+        ExecutionConfig(fused_norm=True)
     with pytest.raises(ValueError, match="scan_backend"):
         ExecutionConfig(scan_backend="triton")  # the Triton scan exists only in the fused layout
     with pytest.raises(ValueError, match="scan_backend"):
@@ -70,10 +74,13 @@ def test_configure_model_sets_and_resets_the_modules():
     model = build_model("taxibj-tiny")
     configure_model(model, ExecutionConfig(fused=True, scan_backend="torch", checkpoint_steps=True))
     ss = [m for m in model.modules() if isinstance(m, SS2D)]
-    assert ss and all(m.impl == "fused" and m.fused_backend == "torch" for m in ss)
+    assert ss and all(m.impl == "fused" and m.fused_backend == "torch" and not m.fused_norm for m in ss)
     assert model.checkpoint_steps
+    configure_model(model, ExecutionConfig(fused=True, fused_norm=True))
+    assert all(m.fused_norm for m in ss)
     configure_model(model, ExecutionConfig.reference())
     assert all(m.impl == "reference" and m.scan_backend == "auto" and m.scan_fp32_inputs for m in ss)
+    assert not any(m.fused_norm for m in ss)
     assert not model.checkpoint_steps
     # the state_dict does not change with the mode
     keys = list(build_model("taxibj-tiny").state_dict())
@@ -87,6 +94,7 @@ def test_configure_model_sets_and_resets_the_modules():
         dict(fused=True, scan_backend="torch"),
         dict(checkpoint_steps=True),
         dict(fused=True, scan_backend="torch", checkpoint_steps=True),
+        dict(fused=True, fused_norm=True, scan_backend="torch"),
     ],
 )
 def test_cpu_modes_match_reference_fp32(preset, mode):
@@ -132,6 +140,8 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
         dict(fused=True, cuda_graphs=True),
         dict(fused=True, cuda_graphs=True, checkpoint_steps=True),
         dict(fused=True, compile=True),
+        dict(fused=True, fused_norm=True, cuda_graphs=True),
+        dict(fused=True, fused_norm=True, compile=True),
     ],
 )
 def test_gpu_modes_match_reference_fp32(mode):

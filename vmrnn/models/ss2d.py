@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vmrnn.ops import selective_scan
+from vmrnn.ops.merge_norm_gate import merge_norm_gate
 from vmrnn.ops.ss2d_scan import ss2d_scan
 
 N_DIRECTIONS = 4
@@ -61,6 +62,8 @@ class SS2D(nn.Module):
         # scan (vmrnn.ops.ss2d_scan), whose backend is fused_backend ("auto" | "triton" | "torch").
         self.impl = "reference"
         self.fused_backend = "auto"
+        # fused impl: the cross-merge, out_norm and SiLU gate as one op (vmrnn.ops.merge_norm_gate, same backend)
+        self.fused_norm = False
         self.scan_fp32_inputs = True  # reference impl: upcast the scan inputs (official); False keeps bf16
 
         self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
@@ -156,6 +159,9 @@ class SS2D(nn.Module):
             True,
             backend=self.fused_backend,
         )
+        if self.fused_norm:
+            n = self.out_norm
+            return self.out_proj(merge_norm_gate(y, z, n.weight, n.bias, n.eps, backend=self.fused_backend))
         y = y.sum(2, dtype=torch.float32).view(b, h, w, d)  # the cross-merge: sum of the 4 directions
         y = self.out_norm(y.to(z.dtype))
         return self.out_proj(y * F.silu(z))

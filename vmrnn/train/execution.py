@@ -8,6 +8,8 @@ Training (`TrainConfig.execution` names a mode, its override fields change singl
 - ``fused=True``: SS2D runs its fused layout (channels-last depthwise conv, one GEMM for the four x_proj
   projections, the four-direction scan reading and writing spatial tokens: `vmrnn.ops.ss2d_scan`; long
   sequences at small batch run chunk-parallel).
+- ``fused_norm=True`` (fused only): the cross-merge, SS2D's output LayerNorm and the SiLU gate run as one op,
+  a Triton kernel each way on GPU (`vmrnn.ops.merge_norm_gate`). Only a mode sets it, not a training override.
 - ``scan_backend``: the reference layout's selective scan (``auto`` | ``torch`` | ``cuda``) or, when fused,
   the fused scan's (``auto`` | ``torch`` | ``triton``); ``auto`` takes the compiled kernel on GPU.
 - ``compile=True``: every SS2D forward goes through ``torch.compile`` (inductor fuses the element-wise
@@ -54,8 +56,11 @@ class ExecutionConfig:
     scan_backend: str = "auto"
     fused: bool = False
     cuda_graphs: bool = False
+    fused_norm: bool = False
 
     def __post_init__(self) -> None:
+        if self.fused_norm and not self.fused:
+            raise ExecutionError("fused_norm", "needs the fused SS2D layout (fused=True)")
         if self.precision not in PRECISIONS:
             raise ExecutionError("precision", f"{self.precision!r} does not exist; choose 'fp32' or 'bf16'")
         allowed = FUSED_BACKENDS if self.fused else REFERENCE_BACKENDS
@@ -78,6 +83,8 @@ class ExecutionConfig:
         parts = [self.precision]
         if self.fused:
             parts.append("fused")
+        if self.fused_norm:
+            parts.append("norm")
         if self.scan_backend != "auto":
             parts.append(f"scan={self.scan_backend}")
         if self.compile:
@@ -110,6 +117,8 @@ MODES: dict[str, ExecutionConfig] = {
     "fast-ckpt": _FAST.replace(checkpoint_steps=True),
     # torch.compile of every SS2D: fewer kernels, a minute or more of compilation per grid size.
     "fast-compile": _FAST.replace(compile=True),
+    # The SS2D epilogue (cross-merge, out_norm, gate) as one Triton kernel each way.
+    "fast-norm": _FAST.replace(fused_norm=True),
 }
 DEFAULT_MODE = "fast"
 

@@ -85,6 +85,7 @@ def configure_model(model: nn.Module, execution: ExecutionConfig) -> nn.Module:
     for m in core.modules():
         if isinstance(m, SS2D):
             m.impl = "fused" if execution.fused else "reference"
+            m.fused_norm = execution.fused_norm
             if execution.fused:
                 m.fused_backend = execution.scan_backend
                 m.scan_backend = "auto"

@@ -207,8 +207,8 @@ def scans(out, sweep):
 
 
 # scan_plan choices per variant ({}: the default plan of each shape): chunk length and backward unroll of the
-# segmented plan (long sequences), segments of short sequences (8x8 grids), then the backward's rebuild block
-# (sub); `--only` picks by key
+# segmented plan (long sequences), segments of short sequences (8x8 grids), the backward's rebuild block (sub),
+# then du / dB / dC added in place with atomics (atomic); `--only` picks by key
 SEG_VARIANTS = [
     {},
     dict(ck=64, u_bwd=8),
@@ -229,6 +229,8 @@ SEG_VARIANTS = [
     dict(sub=2, u_bwd=2),
     dict(ck=64, u_bwd=8, sub=8),
     dict(ck=128, sub=4),
+    dict(atomic=1),
+    dict(sub=2, u_bwd=2, atomic=1),
 ]
 # SS2D scan shapes (batch, H, W, scan channels D = 2x the block's model dim in SHAPES)
 SEG_SHAPES = {

@@ -38,6 +38,7 @@ class ScanPlan(NamedTuple):
     nseg: int  # segments run in parallel (1: one program walks the whole sequence)
     cps: int  # chunks per segment
     sub: int  # backward: tokens whose rebuilt states go through the scratch at once (divides ck)
+    atomic: int = 0  # backward: 1 adds du and dB / dC into place with fp32 atomics; 0 writes partials, summed after
 
     @property
     def nc(self) -> int:
@@ -61,6 +62,7 @@ def scan_plan(
     u_bwd: int | None = None,
     warps: int | None = None,
     sub: int | None = None,
+    atomic: bool | None = None,
 ) -> ScanPlan:
     """How the Triton scan runs a size; each keyword fixes one choice and the rest follow from it.
 
@@ -105,7 +107,7 @@ def scan_plan(
     sub = max(u_bwd, min(REBUILD_BLOCK if sub is None else sub, ck))
     if ck % sub or sub % u_bwd:
         raise ValueError(f"scan plan: sub={sub} must divide the chunk length {ck} and be a multiple of u_bwd={u_bwd}")
-    return ScanPlan(bd, ck, u_fwd, u_bwd, warps, nseg, cps, sub)
+    return ScanPlan(bd, ck, u_fwd, u_bwd, warps, nseg, cps, sub, int(bool(atomic)))
 
 
 __all__ = ["MIN_SEG_CK", "N_DIR", "REBUILD_BLOCK", "SEG_CK", "SEG_UB", "TARGET_PROGRAMS", "ScanPlan", "scan_plan"]

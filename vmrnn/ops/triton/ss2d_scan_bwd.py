@@ -3,8 +3,9 @@
 Each CK-chunk restarts from its stored start state. A first walk through the chunk keeps the start state of
 every SUB-token block; then, block by block from the end, the block's states are rebuilt into a per-program
 scratch buffer of SUB states (small enough for the caches) and the program walks back through the block,
-carrying the state adjoint. dB / dC are written per channel block and dA / dD / dbias per (batch, segment),
-and summed on the host side.
+carrying the state adjoint. dB / dC are written per channel block and du per direction, and summed on the host
+side (or, with the plan's `atomic`, added in place with fp32 atomics: fewer bytes, an order of the sums that
+varies from run to run); dA / dD / dbias per (batch, segment), summed on the host side.
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ def _ss2d_bwd_kernel(
     HAS_D: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     MODE: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):
     # MODE 0: one program walks the whole sequence back (NSEG = 1, CPS = NC).
     # MODE 1: segment pass of the chunk-parallel backward: program (.., seg) walks its segment back
@@ -141,11 +143,22 @@ def _ss2d_bwd_kernel(
     b_base = b_ptr + pid_b * sb_b + k * sb_k + offs_n
     c_base = c_ptr + pid_b * sc_b + k * sc_k + offs_n
     dy_base = dy_ptr + pid_b * sy_b + k * sy_k + offs_d
-    # du, ddelta: contiguous (B, L, 4, D); dB, dC partials: contiguous (B, L, 4, NBLK, N) fp32.
-    du_base = du_ptr + pid_b * L * 4 * D + k * D + offs_d
+    # ddelta: contiguous (B, L, 4, D).
     ddl_base = ddl_ptr + pid_b * L * 4 * D + k * D + offs_d
-    dB_base = dB_ptr + pid_b * L * 4 * NBLK * N + k * NBLK * N + pid_d * N + offs_n
-    dC_base = dC_ptr + pid_b * L * 4 * NBLK * N + k * NBLK * N + pid_d * N + offs_n
+    if ATOMIC:
+        # du (B, L, D) and dB, dC (B, L, 4, N), fp32, zeroed: the directions and channel blocks add into them
+        du_base = du_ptr + pid_b * L * D + offs_d
+        du_sl = D
+        dB_base = dB_ptr + pid_b * L * 4 * N + k * N + offs_n
+        dC_base = dC_ptr + pid_b * L * 4 * N + k * N + offs_n
+        dbc_sl = 4 * N
+    else:
+        # du per direction: contiguous (B, L, 4, D); dB, dC partials per channel block: (B, L, 4, NBLK, N) fp32
+        du_base = du_ptr + pid_b * L * 4 * D + k * D + offs_d
+        du_sl = 4 * D
+        dB_base = dB_ptr + pid_b * L * 4 * NBLK * N + k * NBLK * N + pid_d * N + offs_n
+        dC_base = dC_ptr + pid_b * L * 4 * NBLK * N + k * NBLK * N + pid_d * N + offs_n
+        dbc_sl = 4 * NBLK * N
     hc_base = hc_ptr + ((pid_b * 4 + k) * NC) * D * N + offs_n[None, :] * D + offs_d[:, None]
     prog = ((pid_b * 4 + k) * NBLK + pid_d) * NSEG + seg
     # scratch per program (NSLOT states): SUB rebuilt states, then (SUB < CK) the CK // SUB block start states
@@ -319,11 +332,17 @@ def _ss2d_bwd_kernel(
                     posv = tl.where((k % 2) == 1, (lsv % H) * W + lsv // H, lsv)
                     vm = (lv < L)[None, :]
                     om = dmask[:, None] & vm
-                    tl.store(du_base[:, None] + posv[None, :] * (4 * D), dubuf.to(du_ptr.dtype.element_ty), mask=om)
                     tl.store(ddl_base[:, None] + posv[None, :] * (4 * D), ddbuf.to(ddl_ptr.dtype.element_ty), mask=om)
                     nmv = (offs_n < N)[:, None] & vm
-                    tl.store(dB_base[:, None] + posv[None, :] * (4 * NBLK * N), dBbuf, mask=nmv)
-                    tl.store(dC_base[:, None] + posv[None, :] * (4 * NBLK * N), dCbuf, mask=nmv)
+                    if ATOMIC:
+                        tl.atomic_add(du_base[:, None] + posv[None, :] * du_sl, dubuf, mask=om, sem="relaxed")
+                        tl.atomic_add(dB_base[:, None] + posv[None, :] * dbc_sl, dBbuf, mask=nmv, sem="relaxed")
+                        tl.atomic_add(dC_base[:, None] + posv[None, :] * dbc_sl, dCbuf, mask=nmv, sem="relaxed")
+                    else:
+                        dus = dubuf.to(du_ptr.dtype.element_ty)
+                        tl.store(du_base[:, None] + posv[None, :] * du_sl, dus, mask=om)
+                        tl.store(dB_base[:, None] + posv[None, :] * dbc_sl, dBbuf, mask=nmv)
+                        tl.store(dC_base[:, None] + posv[None, :] * dbc_sl, dCbuf, mask=nmv)
                 tl.debug_barrier()
         pb = pid_b * NSEG + seg  # partials per (batch, segment), summed on the host side
         tl.store(dA_ptr + pb * 4 * D * N + offs_n[None, :] * (4 * D) + ch[:, None], dA_acc, mask=dmask[:, None])
@@ -362,10 +381,15 @@ def ss2d_scan_bwd(
     bd, ck, nseg, cps, nc = p.bd, p.ck, p.nseg, p.cps, p.nc
     nblk = triton.cdiv(d, bd)
     dev = u.device
-    du = torch.empty((b, L, N_DIR, d), device=dev, dtype=u.dtype)
     ddl = torch.empty((b, L, N_DIR, d), device=dev, dtype=delta.dtype)
-    dBp = torch.empty((b, L, N_DIR, nblk, n), device=dev, dtype=torch.float32)
-    dCp = torch.empty((b, L, N_DIR, nblk, n), device=dev, dtype=torch.float32)
+    if p.atomic:
+        du = torch.zeros((b, L, d), device=dev, dtype=torch.float32)
+        dBp = torch.zeros((b, L, N_DIR, n), device=dev, dtype=torch.float32)
+        dCp = torch.zeros((b, L, N_DIR, n), device=dev, dtype=torch.float32)
+    else:
+        du = torch.empty((b, L, N_DIR, d), device=dev, dtype=u.dtype)
+        dBp = torch.empty((b, L, N_DIR, nblk, n), device=dev, dtype=torch.float32)
+        dCp = torch.empty((b, L, N_DIR, nblk, n), device=dev, dtype=torch.float32)
     dAp = torch.empty((b * nseg, n, N_DIR * d), device=dev, dtype=torch.float32)
     dDp = torch.empty((b * nseg, N_DIR * d), device=dev, dtype=torch.float32)
     dbp = torch.empty((b * nseg, N_DIR * d), device=dev, dtype=torch.float32)
@@ -432,6 +456,7 @@ def ss2d_scan_bwd(
             HAS_D=Ds is not None,
             HAS_BIAS=delta_bias is not None,
             MODE=mode,
+            ATOMIC=bool(p.atomic),
             num_warps=p.warps,
         )
 
@@ -441,7 +466,10 @@ def ss2d_scan_bwd(
         launch(2)
     else:
         launch(0)
-    du = du.sum(2, dtype=torch.float32).to(u.dtype)
-    dB = dBp.sum(3).to(Bs.dtype)
-    dC = dCp.sum(3).to(Cs.dtype)
+    if p.atomic:
+        du, dB, dC = du.to(u.dtype), dBp.to(Bs.dtype), dCp.to(Cs.dtype)
+    else:
+        du = du.sum(2, dtype=torch.float32).to(u.dtype)
+        dB = dBp.sum(3).to(Bs.dtype)
+        dC = dCp.sum(3).to(Cs.dtype)
     return du, ddl, dAp.sum(0).t().contiguous(), dB, dC, dDp.sum(0), dbp.sum(0)

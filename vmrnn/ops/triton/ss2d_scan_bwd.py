@@ -18,6 +18,7 @@ from torch import Tensor
 from vmrnn.ops.scan_plan import N_DIR, ScanPlan
 from vmrnn.ops.triton import require_triton
 from vmrnn.ops.triton.ss2d_combine import ss2d_combine
+from vmrnn.ops.triton.ss2d_steps import scan_position, softplus
 
 
 @triton.jit
@@ -44,18 +45,14 @@ def _state_step(
 ):
     """The state after scan step l of direction k: exp(dt A) h + dt u B, read at the token's spatial place."""
     valid = l < L
-    ls = tl.where(k >= 2, L - 1 - l, l)
-    pos = tl.where((k % 2) == 1, (ls % H) * W + ls // H, ls)  # spatial place of step l
+    pos = scan_position(l, L, H, W, k)  # spatial place of step l
     m = dmask & valid
     u = tl.load(u_base + pos * su_l, mask=m, other=0.0).to(tl.float32)
     dt = tl.load(d_base + pos * sd_l, mask=m, other=0.0).to(tl.float32)
     if HAS_BIAS:
         dt = dt + bias
     if SOFTPLUS:
-        # softplus = log1p(exp(x)), log1p by Goldberg's trick; x itself above 20 (as torch)
-        e = tl.exp(tl.minimum(dt, 20.0))
-        e1 = 1.0 + e
-        dt = tl.where(dt > 20.0, dt, tl.where(e1 == 1.0, e, tl.log(e1) * e / (e1 - 1.0)))
+        dt = softplus(dt)
     dt = tl.where(m, dt, 0.0)
     bv = tl.load(b_base + pos * sb_l, mask=(offs_n < N) & valid, other=0.0).to(tl.float32)
     return tl.exp2(dt[:, None] * A) * h + (dt * u)[:, None] * bv[None, :]
@@ -183,16 +180,13 @@ def _ss2d_bwd_kernel(
                     j = U - 1 - jj
                     l = c * CK + s * U + j
                     valid = l < L
-                    ls = tl.where(k >= 2, L - 1 - l, l)
-                    pos = tl.where((k % 2) == 1, (ls % H) * W + ls // H, ls)
+                    pos = scan_position(l, L, H, W, k)  # spatial place of step l
                     m = dmask & valid
                     dt = tl.load(d_base + pos * sd_l, mask=m, other=0.0).to(tl.float32)
                     if HAS_BIAS:
                         dt = dt + bias
                     if SOFTPLUS:
-                        e = tl.exp(tl.minimum(dt, 20.0))
-                        e1 = 1.0 + e
-                        dt = tl.where(dt > 20.0, dt, tl.where(e1 == 1.0, e, tl.log(e1) * e / (e1 - 1.0)))
+                        dt = softplus(dt)
                     dt = tl.where(m, dt, 0.0)
                     nm = (offs_n < N) & valid
                     cv = tl.load(c_base + pos * sc_l, mask=nm, other=0.0).to(tl.float32)
@@ -283,18 +277,14 @@ def _ss2d_bwd_kernel(
                         j = U - 1 - jj
                         l = l0 + s * U + j
                         valid = l < L
-                        ls = tl.where(k >= 2, L - 1 - l, l)
-                        pos = tl.where((k % 2) == 1, (ls % H) * W + ls // H, ls)  # spatial place of step l
+                        pos = scan_position(l, L, H, W, k)  # spatial place of step l
                         m = dmask & valid
                         u = tl.load(u_base + pos * su_l, mask=m, other=0.0).to(tl.float32)
                         draw = tl.load(d_base + pos * sd_l, mask=m, other=0.0).to(tl.float32)
                         if HAS_BIAS:
                             draw = draw + bias
                         if SOFTPLUS:
-                            # softplus = log1p(exp(x)), log1p by Goldberg's trick; x itself above 20 (as torch)
-                            e = tl.exp(tl.minimum(draw, 20.0))
-                            e1 = 1.0 + e
-                            dt = tl.where(draw > 20.0, draw, tl.where(e1 == 1.0, e, tl.log(e1) * e / (e1 - 1.0)))
+                            dt = softplus(draw)
                         else:
                             dt = draw
                         dt = tl.where(m, dt, 0.0)
@@ -328,8 +318,7 @@ def _ss2d_bwd_kernel(
                         dCbuf = tl.where(sel, dCp[:, None], dCbuf)
                         g_carry = dA * g
                     lv = l0 + s * U + uu
-                    lsv = tl.where(k >= 2, L - 1 - lv, lv)
-                    posv = tl.where((k % 2) == 1, (lsv % H) * W + lsv // H, lsv)
+                    posv = scan_position(lv, L, H, W, k)
                     vm = (lv < L)[None, :]
                     om = dmask[:, None] & vm
                     tl.store(ddl_base[:, None] + posv[None, :] * (4 * D), ddbuf.to(ddl_ptr.dtype.element_ty), mask=om)

@@ -15,6 +15,7 @@ from torch import Tensor
 from vmrnn.ops.scan_plan import N_DIR, ScanPlan
 from vmrnn.ops.triton import require_triton
 from vmrnn.ops.triton.ss2d_combine import ss2d_combine
+from vmrnn.ops.triton.ss2d_steps import scan_position, softplus
 
 
 @triton.jit
@@ -104,18 +105,14 @@ def _ss2d_fwd_kernel(
             for j in tl.static_range(U):
                 l = c * CK + s * U + j
                 valid = l < L
-                ls = tl.where(k >= 2, L - 1 - l, l)
-                pos = tl.where((k % 2) == 1, (ls % H) * W + ls // H, ls)  # spatial place of step l
+                pos = scan_position(l, L, H, W, k)  # spatial place of step l
                 m = dmask & valid
                 u = tl.load(u_base + pos * su_l, mask=m, other=0.0).to(tl.float32)
                 dt = tl.load(d_base + pos * sd_l, mask=m, other=0.0).to(tl.float32)
                 if HAS_BIAS:
                     dt = dt + bias
                 if SOFTPLUS:
-                    # softplus = log1p(exp(x)), log1p by Goldberg's trick; x itself above 20 (as torch)
-                    e = tl.exp(tl.minimum(dt, 20.0))
-                    e1 = 1.0 + e
-                    dt = tl.where(dt > 20.0, dt, tl.where(e1 == 1.0, e, tl.log(e1) * e / (e1 - 1.0)))
+                    dt = softplus(dt)
                 dt = tl.where(m, dt, 0.0)
                 nm = (offs_n < N) & valid
                 bv = tl.load(b_base + pos * sb_l, mask=nm, other=0.0).to(tl.float32)
@@ -131,8 +128,7 @@ def _ss2d_fwd_kernel(
                     ybuf = tl.where(jj[None, :] == j, y[:, None], ybuf)
             if MODE != 1:
                 lv = c * CK + s * U + jj
-                lsv = tl.where(k >= 2, L - 1 - lv, lv)
-                posv = tl.where((k % 2) == 1, (lsv % H) * W + lsv // H, lsv)
+                posv = scan_position(lv, L, H, W, k)
                 tl.store(
                     y_base[:, None] + posv[None, :] * sy_l,
                     ybuf.to(y_ptr.dtype.element_ty),

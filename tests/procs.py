@@ -79,6 +79,14 @@ def scrubbed_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def run_interpreted(script: str | Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run a test file as a script with Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before triton is
+    imported, hence a subprocess) and the checkout first on PYTHONPATH."""
+    path = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+    return subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def ray_temp_dir() -> Path:
     """A fresh temp dir for one Ray (not yet created): short, because of Ray's unix socket path limit, and
     unique, so that every process of that Ray names it and nothing else does."""

@@ -10,14 +10,11 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from procs import run_interpreted
 from vmrnn.models import SS2D, cross_merge, cross_scan
 from vmrnn.ops import selective_scan
 from vmrnn.ops import ss2d_scan as fs
@@ -164,14 +161,7 @@ def _interpreter_checks() -> None:
 
 @needs_triton_cpu
 def test_triton_kernels_match_torch_on_cpu_interpreter():
-    env = dict(
-        os.environ,
-        TRITON_INTERPRET="1",
-        PYTHONPATH=os.pathsep.join(
-            [str(Path(__file__).resolve().parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p]
-        ),
-    )
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
+    proc = run_interpreted(__file__)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("ok") == 3 * len(CASES) + 2
 

@@ -7,14 +7,12 @@ against SS2D without it on the same weights.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from procs import run_interpreted
 from vmrnn.models import SS2D
 from vmrnn.ops import merge_norm_gate as mng
 from vmrnn.ops.ss2d_scan import HAS_TRITON
@@ -78,8 +76,13 @@ def check_ss2d(device: str) -> None:
         m.fused_norm, m.fused_backend = fused_norm, backend
         m.zero_grad()
         xi = x.clone().requires_grad_(True)
-        y = m(xi)
-        (y * torch.cos(y)).sum().backward()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y = m(xi)
+            (y * torch.cos(y)).sum().backward()
+        ops = {e.name for e in prof.events()}
+        # the op runs both ways exactly when fused_norm is set
+        assert ({"vmrnn::merge_norm_gate_fwd", "vmrnn::merge_norm_gate_bwd"} <= ops) == fused_norm, sorted(ops)
+        assert not fused_norm or "aten::layer_norm" not in ops
         outs.append([y.detach(), xi.grad] + [p.grad.clone() for p in m.parameters()])
     errs = [rel(a, r) for a, r in zip(outs[1], outs[0])]
     assert max(errs) < 1e-4, errs
@@ -117,12 +120,7 @@ def test_bad_shapes_get_one_line_errors(args, message):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_epilogue_matches_torch_on_cpu_interpreter():
-    env = dict(
-        os.environ,
-        TRITON_INTERPRET="1",
-        PYTHONPATH=os.pathsep.join([str(HERE.parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-    )
-    proc = subprocess.run([sys.executable, str(HERE)], env=env, capture_output=True, text=True, timeout=900)
+    proc = run_interpreted(str(HERE))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("ok") == len(SHAPES) + 2
 

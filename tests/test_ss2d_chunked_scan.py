@@ -12,14 +12,12 @@ on small shapes, and compare outputs and every gradient with `ss2d_scan_ref` (ga
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from procs import run_interpreted
 from vmrnn.ops import ss2d_scan as fs
 from vmrnn.ops.scan_plan import MIN_SEG_CK, SEG_CK, TARGET_PROGRAMS, ScanPlan, scan_plan
 
@@ -156,12 +154,7 @@ def test_reference_ignores_the_launch_plan():
 
 @pytest.mark.skipif(not fs.HAS_TRITON, reason="triton is not installed")
 def test_chunked_triton_scan_matches_torch_on_cpu_interpreter():
-    env = dict(
-        os.environ,
-        TRITON_INTERPRET="1",
-        PYTHONPATH=os.pathsep.join([str(HERE.parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-    )
-    proc = subprocess.run([sys.executable, str(HERE)], env=env, capture_output=True, text=True, timeout=900)
+    proc = run_interpreted(str(HERE))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("ok") == len(CASES) + 1
 

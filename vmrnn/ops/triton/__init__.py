@@ -47,7 +47,7 @@ def require_triton(t: Tensor) -> None:
     """Raise unless the kernels can run on `t`'s device (and ready the interpreter on CPU)."""
     if not triton_usable(t):
         raise RuntimeError(
-            "the Triton SS2D scan needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+            "the Triton SS2D kernels need CUDA tensors (or TRITON_INTERPRET=1 set before "
             "triton is imported, to interpret it on CPU)"
         )
     if interpreting():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from test_train_helpers import tiny_cfg, write_taxibj
-from vmrnn.bench import BASELINES, add_ratios, format_row, resolve_modes, validate_request
+from vmrnn.bench import BASELINES, add_ratios, curve_summary, format_row, resolve_modes, validate_request
 from vmrnn.cli import main as cli_main
 from vmrnn.tracking.tags import TAG_EXECUTION as EXECUTION_TAG
 from vmrnn.train.config import CHOICES, TrainConfig, TrainConfigError
@@ -99,6 +99,8 @@ def test_overrides_change_single_fields_and_the_device_still_decides():
     assert resolve_execution("fast", {"precision": "fp32", "compile": None}, device_type="cuda") == MODES[
         "fast"
     ].replace(precision="fp32")
+    # the fused epilogue goes with the fused layout
+    assert resolve_execution("fast", {"fused": False}, device_type="cuda") == MODES["bf16-graphs"]
     assert resolve_execution("reference", {"scan_backend": "cuda"}, device_type="cuda").scan_backend == "cuda"
     assert resolve_execution("reference", {"scan_backend": "cuda"}, device_type="cpu").scan_backend == "auto"
     assert resolve_execution("fast", {"scan_backend": "torch"}, device_type="cpu").scan_backend == "torch"
@@ -145,19 +147,19 @@ def test_effective_config_fills_every_override_and_the_tag():
         True,
         "auto",
     )
-    assert gpu.tags == {"team": "a", EXECUTION_TAG: "bf16+fused+graphs+ckpt", "vmrnn.world_size": "1"}
+    assert gpu.tags == {"team": "a", EXECUTION_TAG: "bf16+fused+norm+graphs+ckpt", "vmrnn.world_size": "1"}
     assert gpu.execution == "fast"
     assert gpu.with_effective_execution("cuda") == gpu  # idempotent
     cpu = gpu.with_effective_execution("cpu")  # e.g. a GPU run's checkpoint resumed on CPU
     assert (cpu.precision, cpu.fused, cpu.cuda_graphs) == ("fp32", False, False)
     assert cpu.tags[EXECUTION_TAG] == "fp32+ckpt"
     ddp = cfg.with_effective_execution("cuda", world_size=4)
-    assert ddp.cuda_graphs is True and ddp.tags[EXECUTION_TAG] == "bf16+fused+graphs+ckpt"
+    assert ddp.cuda_graphs is True and ddp.tags[EXECUTION_TAG] == "bf16+fused+norm+graphs+ckpt"
     assert ddp.tags["vmrnn.world_size"] == "4"
 
 
 def test_resolution_line():
-    assert resolution_line("fast", device="cuda:0") == "fast -> bf16+fused+graphs on cuda:0"
+    assert resolution_line("fast", device="cuda:0") == "fast -> bf16+fused+norm+graphs on cuda:0"
     assert resolution_line("fast", device="cpu") == "fast -> fp32 on cpu (GPU-only parts off)"
     assert resolution_line("reference", device="cpu") == "reference -> fp32 on cpu"
     assert (
@@ -166,7 +168,8 @@ def test_resolution_line():
     )
     assert (
         resolution_line("fast", device="cuda:1", world_size=2)
-        == "fast -> bf16+fused+graphs on cuda:1, data-parallel over 2 workers (one gradient all-reduce in the step)"
+        == "fast -> bf16+fused+norm+graphs on cuda:1, data-parallel over 2 workers "
+        "(one gradient all-reduce in the step)"
     )
 
 
@@ -206,3 +209,17 @@ def test_mlflow_records_the_execution_that_ran(tmp_path, capsys):
     }
     assert run.data.tags[EXECUTION_TAG] == "fp32+ckpt"
     assert res.config.execution_config("cpu") == ExecutionConfig(checkpoint_steps=True)  # the checkpoints' config
+
+
+def test_curve_summary_compares_window_means_with_the_fp32_curve():
+    ref = [1.0] * 200
+    spike = [1.0] * 25 + [1.2] * 25 + [1.0] * 150  # one 25-step window 20% off: 5% over its 100-step window
+    again = [1.0 + 0.01 * (-1) ** i for i in range(200)]
+    out = curve_summary(
+        {"fp32-fused-graphs": ref, "fast": spike, "fp32-fused-graphs (again)": again}, "fp32-fused-graphs"
+    )
+    assert set(out) == {"fast", "fp32-fused-graphs (again)"}
+    assert out["fast"]["max_window_rel_dev"] == pytest.approx(0.2)
+    assert out["fast"]["max_window100_rel_dev"] == pytest.approx(0.05)
+    assert out["fast"]["final_window"] == out["fast"]["ref_final_window"] == 1.0
+    assert out["fp32-fused-graphs (again)"]["max_window_rel_dev"] == pytest.approx(0.0004, abs=1e-3)

@@ -57,9 +57,9 @@ def test_execution_config_modes():
     assert fast.precision == "bf16" and fast.fused and fast.cuda_graphs and not fast.compile
     assert MODES["fast-compile"] == fast.replace(compile=True)
     assert MODES["fast-ckpt"] == fast.replace(checkpoint_steps=True)
-    assert MODES["fast-norm"] == fast.replace(fused_norm=True) and not fast.fused_norm
-    assert fast.describe() == "bf16+fused+graphs"
-    assert MODES["fast-norm"].describe() == "bf16+fused+norm+graphs"
+    assert fast == MODES["bf16-fused-graphs"].replace(fused_norm=True) and fast.fused_norm
+    assert fast.describe() == "bf16+fused+norm+graphs"
+    assert MODES["bf16-fused-graphs"].describe() == "bf16+fused+graphs"
     with pytest.raises(ValueError, match="fused_norm needs the fused SS2D layout"):
         ExecutionConfig(fused_norm=True)
     with pytest.raises(ValueError, match="scan_backend"):

@@ -9,7 +9,8 @@ Training (`TrainConfig.execution` names a mode, its override fields change singl
   projections, the four-direction scan reading and writing spatial tokens: `vmrnn.ops.ss2d_scan`; long
   sequences at small batch run chunk-parallel).
 - ``fused_norm=True`` (fused only): the cross-merge, SS2D's output LayerNorm and the SiLU gate run as one op,
-  a Triton kernel each way on GPU (`vmrnn.ops.merge_norm_gate`). Only a mode sets it, not a training override.
+  a Triton kernel each way on GPU (`vmrnn.ops.merge_norm_gate`). Only a mode sets it, not a training override;
+  overriding ``fused=False`` turns it off too.
 - ``scan_backend``: the reference layout's selective scan (``auto`` | ``torch`` | ``cuda``) or, when fused,
   the fused scan's (``auto`` | ``torch`` | ``triton``); ``auto`` takes the compiled kernel on GPU.
 - ``compile=True``: every SS2D forward goes through ``torch.compile`` (inductor fuses the element-wise
@@ -97,7 +98,8 @@ class ExecutionConfig:
 
 
 _REF = ExecutionConfig.reference()
-_FAST = _REF.replace(precision="bf16", fused=True, cuda_graphs=True)
+_FUSED_GRAPHS = _REF.replace(precision="bf16", fused=True, cuda_graphs=True)
+_FAST = _FUSED_GRAPHS.replace(fused_norm=True)
 
 # The named modes, from the reference to the default fast one, each adding one optimisation. What runs
 # on a given device is `resolve_execution`'s answer (on CPU every mode runs as the reference).
@@ -109,16 +111,15 @@ MODES: dict[str, ExecutionConfig] = {
     "bf16": _REF.replace(precision="bf16"),
     "bf16-fused": _REF.replace(precision="bf16", fused=True),
     "bf16-fused-compile": _REF.replace(precision="bf16", fused=True, compile=True),
-    "bf16-fused-graphs": _FAST,
+    "bf16-fused-graphs": _FUSED_GRAPHS,
     "bf16-graphs": _REF.replace(precision="bf16", cuda_graphs=True),
-    # The default on GPU: bf16, fused SS2D with the Triton scan, the whole step in a CUDA graph.
+    # The default on GPU: bf16, fused SS2D with the Triton scan and its epilogue (cross-merge, out_norm,
+    # gate) as one Triton kernel each way, the whole step in a CUDA graph.
     "fast": _FAST,
     # For long rollouts of large grids when memory is short.
     "fast-ckpt": _FAST.replace(checkpoint_steps=True),
     # torch.compile of every SS2D: fewer kernels, a minute or more of compilation per grid size.
     "fast-compile": _FAST.replace(compile=True),
-    # The SS2D epilogue (cross-merge, out_norm, gate) as one Triton kernel each way.
-    "fast-norm": _FAST.replace(fused_norm=True),
 }
 DEFAULT_MODE = "fast"
 
@@ -140,6 +141,8 @@ def resolve_execution(
     unknown = sorted(set(given) - set(OVERRIDES))
     if unknown:
         raise ExecutionError(unknown[0], f"is not an execution field; the fields are {list(OVERRIDES)}")
+    if given.get("fused") is False:
+        given["fused_norm"] = False  # the fused epilogue is part of the fused layout: off with it
     try:
         cfg = MODES[mode].replace(**given)
     except ExecutionError as exc:
@@ -156,7 +159,7 @@ def resolve_execution(
 
 
 def resolution_line(mode: str, overrides: Mapping[str, Any] | None = None, *, device: str, world_size: int = 1) -> str:
-    """One line for the start of a run: "fast -> bf16+fused+graphs on cuda:0", "fast -> fp32 on cpu
+    """One line for the start of a run: "fast -> bf16+fused+norm+graphs on cuda:0", "fast -> fp32 on cpu
     (GPU-only parts off)"."""
     asked = resolve_execution(mode, overrides, device_type="cuda")
     ran = resolve_execution(mode, overrides, device_type=device.split(":")[0], world_size=world_size)

@@ -40,7 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also train the reference and --curve-modes STEPS steps on synthetic data and compare windowed loss means",
     )
     p.add_argument("--curve-presets", default="taxibj")
-    p.add_argument("--curve-modes", default="fast", help=f"comma-separated, from {list(MODES)}")
+    p.add_argument(
+        "--curve-modes",
+        default="fast",
+        help=f"comma-separated, from {list(MODES)}; naming --curve-ref too runs it a second time, whose gap to "
+        "the first is the noise floor of two fp32 runs",
+    )
     p.add_argument(
         "--curve-ref",
         default="reference",

@@ -222,4 +222,4 @@ def test_curve_summary_compares_window_means_with_the_fp32_curve():
     assert out["fast"]["max_window_rel_dev"] == pytest.approx(0.2)
     assert out["fast"]["max_window100_rel_dev"] == pytest.approx(0.05)
     assert out["fast"]["final_window"] == out["fast"]["ref_final_window"] == 1.0
-    assert out["fp32-fused-graphs (again)"]["max_window_rel_dev"] == pytest.approx(0.0004, abs=1e-3)
+    assert out["fp32-fused-graphs (again)"]["max_window_rel_dev"] == pytest.approx(0.0004)

@@ -1,9 +1,10 @@
 """Launch planning of the Triton SS2D scan: how many channels, tokens and segments each program takes.
 
 One warp per program, a channel per lane and its N states in that lane's registers: the sums over N
-need no shuffles and nothing goes through shared memory. A plan is computed from the sizes alone
-(`scan_plan`); `vmrnn.ops.ss2d_scan.ss2d_scan(..., plan=...)` takes an explicit one (tests force
-segments on small shapes, benchmarks/gpu_checks.py sweeps plans).
+need no shuffles and nothing goes through shared memory. A plan is computed from the sizes (and, for
+the backward's atomics, `torch.are_deterministic_algorithms_enabled()`) by `scan_plan`;
+`vmrnn.ops.ss2d_scan.ss2d_scan(..., plan=...)` takes an explicit one (tests force segments on small shapes,
+benchmarks/gpu_checks.py sweeps plans).
 """
 
 from __future__ import annotations

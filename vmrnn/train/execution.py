@@ -141,10 +141,10 @@ def resolve_execution(
     unknown = sorted(set(given) - set(OVERRIDES))
     if unknown:
         raise ExecutionError(unknown[0], f"is not an execution field; the fields are {list(OVERRIDES)}")
-    if given.get("fused") is False:
-        given["fused_norm"] = False  # the fused epilogue is part of the fused layout: off with it
+    # the fused epilogue is part of the fused layout: off with it
+    epilogue = {"fused_norm": False} if given.get("fused") is False else {}
     try:
-        cfg = MODES[mode].replace(**given)
+        cfg = MODES[mode].replace(**given, **epilogue)
     except ExecutionError as exc:
         set_ = ", ".join(f"{k}={v!r}" for k, v in given.items())
         raise ExecutionError(
